@@ -110,9 +110,13 @@ class Cluster:
         for what in ("name", "module"):
             value = getattr(self, what)
             if not isinstance(value, str) or not value.strip():
-                raise ClusterDefinitionError(f"cluster {what} must be a non-empty string, got {value!r}")
+                raise ClusterDefinitionError(
+                    f"cluster {what} must be a non-empty string, got {value!r}"
+                )
             if any(c in value for c in "?&#/ \t\n"):
-                raise ClusterDefinitionError(f"cluster {what} {value!r} must not contain spaces or ?&#/")
+                raise ClusterDefinitionError(
+                    f"cluster {what} {value!r} must not contain spaces or ?&#/"
+                )
 
     def _check_numbers(self) -> None:
         for what in (
@@ -129,9 +133,13 @@ class Cluster:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ClusterDefinitionError(f"{what} must be an integer >= 1, got {value!r}")
         if not isinstance(self.max_restarts, int) or self.max_restarts < 0:
-            raise ClusterDefinitionError(f"max_restarts must be an integer >= 0, got {self.max_restarts!r}")
+            raise ClusterDefinitionError(
+                f"max_restarts must be an integer >= 0, got {self.max_restarts!r}"
+            )
         if self.max_t_functions < self.t_functions or self.max_l_functions < self.l_functions:
-            raise ClusterDefinitionError("max_t_functions / max_l_functions must be >= the starting counts")
+            raise ClusterDefinitionError(
+                "max_t_functions / max_l_functions must be >= the starting counts"
+            )
 
     def _check_functions(self) -> None:
         if self.extract is None:

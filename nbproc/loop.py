@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import threading
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
@@ -65,7 +66,9 @@ class LoopThread:
         self._thread.start()
         ready.wait()
 
-    def run(self, coro_fn: Callable[..., Coroutine[Any, Any, T]], *args: Any, timeout: float | None = 30) -> T:
+    def run(
+        self, coro_fn: Callable[..., Coroutine[Any, Any, T]], *args: Any, timeout: float | None = 30
+    ) -> T:
         """Run ``coro_fn(*args)`` on the loop and wait for its result in the calling thread.
 
         Called from the loop's own thread this would wait forever on itself: that raises instead.
@@ -80,7 +83,9 @@ class LoopThread:
             return future.result(timeout)
         except concurrent.futures.TimeoutError:
             future.cancel()
-            raise TimeoutError(f"{getattr(coro_fn, '__name__', coro_fn)} did not finish in {timeout} s") from None
+            raise TimeoutError(
+                f"{getattr(coro_fn, '__name__', coro_fn)} did not finish in {timeout} s"
+            ) from None
 
     def submit(self, coro: Awaitable[T]) -> concurrent.futures.Future[T]:
         """Schedule a coroutine on the loop without waiting for it."""
@@ -90,10 +95,8 @@ class LoopThread:
         """Thread-safe ``call_soon``; a no-op once the loop is closed."""
         loop = self._loop
         if loop is not None and not loop.is_closed():
-            try:
+            with contextlib.suppress(RuntimeError):  # closed between the check and the call
                 loop.call_soon_threadsafe(fn, *args)
-            except RuntimeError:  # closed between the check and the call
-                pass
 
     def stop(self, timeout: float = 2.0) -> None:
         """Stop the loop and join its thread (pending tasks are cancelled, not awaited forever)."""

@@ -40,7 +40,9 @@ class Status(StrEnum):
         return self in TERMINAL_STATUSES
 
 
-TERMINAL_STATUSES = frozenset({Status.COMPLETED, Status.CRASHED, Status.CANCELLED, Status.TERMINATED})
+TERMINAL_STATUSES = frozenset(
+    {Status.COMPLETED, Status.CRASHED, Status.CANCELLED, Status.TERMINATED}
+)
 
 
 class Mode(StrEnum):
@@ -98,7 +100,9 @@ def jsonable(value: Any) -> Any:
     if hasattr(value, "to_json") and callable(value.to_json) and dataclasses.is_dataclass(value):
         return jsonable(value.to_json())
     if isinstance(value, Mapping):
-        return {str(jsonable(k)) if not isinstance(k, str) else k: jsonable(v) for k, v in value.items()}
+        return {
+            str(jsonable(k)) if not isinstance(k, str) else k: jsonable(v) for k, v in value.items()
+        }
     if isinstance(value, (list, tuple, set, frozenset)):
         return [jsonable(v) for v in value]
     return _jsonable_foreign(value)
@@ -117,9 +121,8 @@ def _jsonable_foreign(value: Any) -> Any:
     module = type(value).__module__ or ""
     if module.startswith("pandas"):
         return _jsonable_pandas(value)
-    if module.startswith("numpy"):
-        if hasattr(value, "tolist"):  # ndarray and numpy scalars alike
-            return jsonable(value.tolist())
+    if module.startswith("numpy") and hasattr(value, "tolist"):  # ndarray and numpy scalars
+        return jsonable(value.tolist())
     if hasattr(value, "isoformat"):
         return value.isoformat()
     return str(value)
@@ -192,7 +195,9 @@ def _kind(value: Any) -> str:
     return type(value).__name__
 
 
-def get_str(obj: dict, key: str, where: str = "", default: Any = _MISSING, nonempty: bool = False) -> str:
+def get_str(
+    obj: dict, key: str, where: str = "", default: Any = _MISSING, nonempty: bool = False
+) -> str:
     value = obj.get(key, _MISSING)
     if value is _MISSING or (value is None and default is not _MISSING):
         if default is _MISSING:
@@ -270,7 +275,11 @@ class CoreAnswer:
     data: Any = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"success": self.success, "description": self.description, "data": jsonable(self.data)}
+        return {
+            "success": self.success,
+            "description": self.description,
+            "data": jsonable(self.data),
+        }
 
     @classmethod
     def parse(cls, value: Any) -> CoreAnswer:
@@ -371,7 +380,10 @@ class ExportConfig:
             "on-crash": self.on_crash.value,
             "on-load": self.on_load.value,
             "static": {"t-functions": self.t_functions, "l-functions": self.l_functions},
-            "dynamic": {"t-function": self.t_growth.to_json(), "l-function": self.l_growth.to_json()},
+            "dynamic": {
+                "t-function": self.t_growth.to_json(),
+                "l-function": self.l_growth.to_json(),
+            },
         }
 
     @classmethod
@@ -384,8 +396,12 @@ class ExportConfig:
             mode=get_enum(obj, "mode", Mode, where, default=Mode.BATCH),
             on_crash=get_enum(obj, "on-crash", OnCrash, where, default=OnCrash.DO_NOTHING),
             on_load=get_enum(obj, "on-load", OnLoad, where, default=OnLoad.WAIT_AND_PUSH),
-            t_functions=get_int(static, "t-functions", _path(where, "static"), default=1, minimum=1),
-            l_functions=get_int(static, "l-functions", _path(where, "static"), default=1, minimum=1),
+            t_functions=get_int(
+                static, "t-functions", _path(where, "static"), default=1, minimum=1
+            ),
+            l_functions=get_int(
+                static, "l-functions", _path(where, "static"), default=1, minimum=1
+            ),
             t_growth=ChannelGrowth.parse(dynamic.get("t-function") or {}, _path(dyn, "t-function")),
             l_growth=ChannelGrowth.parse(dynamic.get("l-function") or {}, _path(dyn, "l-function")),
         )
@@ -423,7 +439,9 @@ class Contact:
         if value is None:
             return cls()
         obj = expect_object(value, where)
-        return cls(get_str(obj, "name", where, default=""), get_str(obj, "email", where, default=""))
+        return cls(
+            get_str(obj, "name", where, default=""), get_str(obj, "email", where, default="")
+        )
 
 
 @dataclass(frozen=True)
@@ -453,7 +471,9 @@ class ModuleConfig:
             raw = []
         if not isinstance(raw, list):
             raise ProtocolError(_path(where, key), f"expected an array, got {_kind(raw)}")
-        clusters = tuple(ClusterExport.parse(c, f"{_path(where, key)}[{i}]") for i, c in enumerate(raw))
+        clusters = tuple(
+            ClusterExport.parse(c, f"{_path(where, key)}[{i}]") for i, c in enumerate(raw)
+        )
         return cls(
             name=get_str(obj, "name", where, nonempty=True),
             version=get_str(obj, "version", where, default=""),
@@ -524,9 +544,7 @@ class RunConfig:
     @classmethod
     def parse(cls, value: Any, where: str = "config") -> RunConfig:
         obj = expect_object(value, where)
-        ints = {
-            attr: get_int(obj, key, where, default=None, minimum=1) for attr, key in cls._KEYS
-        }
+        ints = {attr: get_int(obj, key, where, default=None, minimum=1) for attr, key in cls._KEYS}
         return cls(
             identifier=get_str(obj, "identifier", where, default=""),
             on_load=get_enum(obj, "on-load", OnLoad, where, default=None),
@@ -600,7 +618,9 @@ class RunRequest:
         elif isinstance(raw_config, str) or raw_config is None:
             config_name = raw_config or ""
         else:
-            raise ProtocolError("config", f"expected a config object or name, got {_kind(raw_config)}")
+            raise ProtocolError(
+                "config", f"expected a config object or name, got {_kind(raw_config)}"
+            )
         return cls(
             module=get_str(obj, "module", nonempty=True),
             cluster=get_str(obj, "cluster", nonempty=True),
@@ -721,17 +741,31 @@ class Statistics:
         timing = expect_object(obj.get("timing") or {}, _path(where, "timing"))
         w = {k: _path(where, k) for k in ("threads", "channels", "data", "timing")}
         return cls(
-            extract_routines=get_int(threads, "num-provisioned-extract-routines", w["threads"], default=0),
-            transform_routines=get_int(threads, "num-provisioned-transform-routes", w["threads"], default=0),
-            load_routines=get_int(threads, "num-provisioned-load-routines", w["threads"], default=0),
-            et_threshold_breaches=get_int(channels, "num-et-threshold-breaches", w["channels"], default=0),
-            tl_threshold_breaches=get_int(channels, "num-tl-threshold-breaches", w["channels"], default=0),
+            extract_routines=get_int(
+                threads, "num-provisioned-extract-routines", w["threads"], default=0
+            ),
+            transform_routines=get_int(
+                threads, "num-provisioned-transform-routes", w["threads"], default=0
+            ),
+            load_routines=get_int(
+                threads, "num-provisioned-load-routines", w["threads"], default=0
+            ),
+            et_threshold_breaches=get_int(
+                channels, "num-et-threshold-breaches", w["channels"], default=0
+            ),
+            tl_threshold_breaches=get_int(
+                channels, "num-tl-threshold-breaches", w["channels"], default=0
+            ),
             total_processed=get_int(data, "total-processed", w["data"], default=0),
             total_over_et=get_int(data, "total-over-et", w["data"], default=0),
             total_over_tl=get_int(data, "total-over-tl", w["data"], default=0),
             total_dropped=get_int(data, "total-dropped", w["data"], default=0),
-            et_channel=ChannelTiming.parse(timing.get("et-channel"), _path(w["timing"], "et-channel")),
-            tl_channel=ChannelTiming.parse(timing.get("tl-channel"), _path(w["timing"], "tl-channel")),
+            et_channel=ChannelTiming.parse(
+                timing.get("et-channel"), _path(w["timing"], "et-channel")
+            ),
+            tl_channel=ChannelTiming.parse(
+                timing.get("tl-channel"), _path(w["timing"], "tl-channel")
+            ),
             max_total_ns=get_int(timing, "max-total-time-ns", w["timing"], default=0),
             min_total_ns=get_int(timing, "min-total-time-ns", w["timing"], default=0),
             avg_total_ns=get_int(timing, "avg-total-time-ns", w["timing"], default=0),
@@ -757,7 +791,11 @@ class SupervisorReport:
     statistics: Statistics = field(default_factory=Statistics)
 
     def to_json(self) -> dict[str, Any]:
-        return {"id": self.run_id, "status": str(self.status), "statistics": self.statistics.to_json()}
+        return {
+            "id": self.run_id,
+            "status": str(self.status),
+            "statistics": self.statistics.to_json(),
+        }
 
     @classmethod
     def parse(cls, value: Any) -> SupervisorReport:
@@ -966,7 +1004,9 @@ class ProcessorInfo:
             port=get_int(obj, "Port", "processor"),
             status=get_str(obj, "Status", "processor", default=""),
             last_update=0.0,
-            modules=[m if isinstance(m, str) else str(m) for m in modules] if isinstance(modules, list) else [],
+            modules=[m if isinstance(m, str) else str(m) for m in modules]
+            if isinstance(modules, list)
+            else [],
         )
 
 
@@ -978,7 +1018,12 @@ class ModuleInfo:
     mounted: bool
 
     def to_json(self) -> dict[str, Any]:
-        return {"Name": self.name, "Version": self.version, "Contact": self.contact.to_json(), "Mounted": self.mounted}
+        return {
+            "Name": self.name,
+            "Version": self.version,
+            "Contact": self.contact.to_json(),
+            "Mounted": self.mounted,
+        }
 
     @classmethod
     def parse(cls, value: Any) -> ModuleInfo:
