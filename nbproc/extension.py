@@ -1,0 +1,24 @@
+"""What ``%load_ext nbproc`` and ``%unload_ext nbproc`` do to a running IPython."""
+
+from __future__ import annotations
+
+import atexit
+from typing import Any
+
+from . import api
+from .capture import install_output_routing, uninstall_output_routing
+from .magics import NbprocMagics
+
+
+def load(ipython: Any) -> None:
+    ipython.register_magics(NbprocMagics)
+    install_output_routing()
+    proc = api.start()
+    atexit.register(api.stop)  # kernel exit: deregister and release the port
+    print(f"{proc.describe()}; show the panel with %nbproc panel")
+
+
+def unload(ipython: Any) -> None:
+    api.stop()
+    atexit.unregister(api.stop)
+    uninstall_output_routing()
