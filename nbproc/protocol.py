@@ -79,6 +79,21 @@ class ProtocolError(ValueError):
         super().__init__(f"{field}: {problem}" if field else problem)
 
 
+class CoreError(RuntimeError):
+    """A core refused a call: a non-2xx HTTP status, or ``success: false`` in its answer.
+
+    The reference core answers HTTP 200 with ``success: false`` for several failures, so callers
+    that only looked at the status would miss them; this one exception covers both and carries
+    the core's own description, which is usually the only useful explanation there is.
+    """
+
+    def __init__(self, call: str, status: int, description: str) -> None:
+        self.call = call
+        self.status = status
+        self.description = description
+        super().__init__(f"{call} -> HTTP {status}: {description or '(no description)'}")
+
+
 # ---------------------------------------------------------------------------------------------
 # JSON encoding: nothing leaves nbproc that is not strict JSON
 
@@ -330,7 +345,8 @@ class ProcessorAddress:
         port = query.get("port", "")
         if not host:
             raise ProtocolError("host", "missing query parameter")
-        if not port.isdigit():
+        # "²".isdigit() is True and int("²") fails; 5000 digits exceed int()'s limit
+        if not (port.isascii() and port.isdigit()) or len(port) > 10:
             raise ProtocolError("port", f"expected an integer query parameter, got {port!r}")
         return cls(host, int(port))
 
