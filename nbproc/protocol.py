@@ -125,6 +125,9 @@ def jsonable(value: Any) -> Any:
 
 def _jsonable_foreign(value: Any) -> Any:
     """Values from numpy, pandas, datetime and friends, without importing numpy or pandas."""
+    module = type(value).__module__ or ""
+    if module.startswith("pandas"):  # before datetime: pd.NaT is a datetime too
+        return _jsonable_pandas(value)
     if isinstance(value, (_dt.datetime, _dt.date, _dt.time)):
         return value.isoformat()
     if isinstance(value, _dt.timedelta):
@@ -133,9 +136,6 @@ def _jsonable_foreign(value: Any) -> Any:
         return jsonable(float(value))
     if isinstance(value, (bytes, bytearray, memoryview)):
         return base64.b64encode(bytes(value)).decode("ascii")
-    module = type(value).__module__ or ""
-    if module.startswith("pandas"):
-        return _jsonable_pandas(value)
     if module.startswith("numpy") and hasattr(value, "tolist"):  # ndarray and numpy scalars
         return jsonable(value.tolist())
     if hasattr(value, "isoformat"):
