@@ -26,6 +26,7 @@ from .protocol import (
     CacheEntry,
     CacheSave,
     CoreAnswer,
+    CoreError,
     LogLevel,
     LogLine,
     ModuleConfig,
@@ -42,16 +43,6 @@ from .protocol import (
 log = logging.getLogger("nbproc.client")
 
 JSON_HEADERS = {"Content-Type": "application/json"}
-
-
-class CoreError(RuntimeError):
-    """The core answered, and the answer was no (``success:false`` or a 4xx)."""
-
-    def __init__(self, call: str, status: int, description: str) -> None:
-        self.call = call
-        self.status = status
-        self.description = description
-        super().__init__(f"{call}: core answered {status}: {description or '(no description)'}")
 
 
 class CoreUnavailable(ConnectionError):

@@ -172,6 +172,8 @@ def loads(text: str | bytes) -> Any:
         raise
     except (ValueError, UnicodeDecodeError) as exc:
         raise ProtocolError("", f"malformed JSON: {exc}") from None
+    except RecursionError:
+        raise ProtocolError("", "malformed JSON: nested too deeply") from None
 
 
 def _reject_constant(name: str) -> Any:
