@@ -58,7 +58,7 @@ def use(processor: Processor | None) -> None:
         _current = processor
 
 
-def processor() -> Processor:
+def get_processor() -> Processor:
     """The default processor, started on first use."""
     return current() or start()
 
@@ -88,21 +88,21 @@ def define(
         name=name, extract=extract, transform=transform, load=load, module=module, **options
     )
     if register:
-        processor().register(definition)
+        get_processor().register(definition)
     return definition
 
 
 def register(definition: Cluster) -> Cluster:
     """Register an already built :class:`Cluster` with the default processor."""
-    return processor().register(definition)
+    return get_processor().register(definition)
 
 
 def unregister(name: str, module: str | None = None) -> Cluster:
-    return processor().unregister(name, module)
+    return get_processor().unregister(name, module)
 
 
 def clusters() -> list[Cluster]:
-    return processor().clusters()
+    return get_processor().clusters()
 
 
 def run(
@@ -119,7 +119,7 @@ def run(
     Returns the run id, or with ``wait=True`` the finished :class:`Run` (when this processor
     ran it: with several processors on one core, another may have).
     """
-    proc = processor()
+    proc = get_processor()
     run_id = proc.provision(name, module=module, config=config, metadata=metadata)
     if not wait:
         return run_id
@@ -127,20 +127,20 @@ def run(
 
 
 def cancel(run_id: int) -> bool:
-    return processor().cancel(run_id)
+    return get_processor().cancel(run_id)
 
 
 def get_run(run_id: int) -> Run:
-    return processor().get_run(run_id)
+    return get_processor().get_run(run_id)
 
 
 def result(run_id: int) -> Any:
     """What run ``run_id`` produced (a DataFrame for WaitAndPush runs)."""
-    return processor().get_run(run_id).result
+    return get_processor().get_run(run_id).result
 
 
 def logs(run_id: int) -> list[tuple[float, str, str]]:
-    return processor().get_run(run_id).logs
+    return get_processor().get_run(run_id).logs
 
 
 def runs() -> Any:
@@ -148,7 +148,7 @@ def runs() -> Any:
     import pandas as pd
 
     rows = []
-    for r in processor().runs():
+    for r in get_processor().runs():
         snap = r.snapshot()
         rows.append(
             {
@@ -186,7 +186,7 @@ def status() -> dict[str, Any]:
 
 def connect(core: str | None = None, core_client: str | None = None) -> Processor:
     """Connect the default processor to another core (None: an embedded one); clusters follow."""
-    proc = processor()
+    proc = get_processor()
     proc.connect(core, core_client)
     return proc
 
@@ -198,17 +198,17 @@ def disconnect() -> None:
 
 
 def mount(module: str, cluster: str | None = None) -> None:
-    processor().mount(module, cluster, True)
+    get_processor().mount(module, cluster, True)
 
 
 def unmount(module: str, cluster: str | None = None) -> None:
-    processor().mount(module, cluster, False)
+    get_processor().mount(module, cluster, False)
 
 
 def panel() -> Any:
     """Display (and return) a monitoring panel for the default processor."""
     from .panel import Panel
 
-    shown = Panel(processor())
+    shown = Panel(get_processor())
     shown.show()
     return shown

@@ -2,13 +2,15 @@
 
 User functions run on nbproc's worker threads while the user keeps working; a ``print`` there
 would otherwise land in the unrelated cell that is executing (or in none). While a worker runs
-a user function it binds a sink for its thread, and writes to ``sys.stdout`` / ``sys.stderr``
-from that thread go to the run's log, a line at a time. Other threads are untouched.
+a user function it binds a sink (a context variable, so ``async def`` functions awaited on the
+engine's loop carry their run's sink too), and writes to ``sys.stdout`` / ``sys.stderr`` in that
+context go to the run's log, a line at a time. Everything else passes straight through.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import io
 import sys
 import threading
@@ -17,33 +19,55 @@ from typing import Any
 
 Sink = Callable[[str, str], None]  # (level, line)
 
-_local = threading.local()
+
+class _Route:
+    """Where one run's output goes, and its partial lines per stream."""
+
+    def __init__(self, sink: Sink) -> None:
+        self.sink = sink
+        self.partial: dict[str, str] = {}
+        self.lock = threading.Lock()
+
+    def write(self, level: str, text: str) -> None:
+        with self.lock:
+            pending = self.partial.pop(level, "") + text
+            *lines, rest = pending.split("\n")
+            if rest:
+                self.partial[level] = rest
+        for line in lines:
+            if line.strip():
+                self.sink(level, line)
+
+    def flush_partial(self) -> None:
+        with self.lock:
+            partial, self.partial = self.partial, {}
+        for level, text in partial.items():
+            if text.strip():
+                self.sink(level, text)
+
+
+_route: contextvars.ContextVar[_Route | None] = contextvars.ContextVar(
+    "nbproc_output_route", default=None
+)
 _lock = threading.Lock()
 
 
 class RoutedStream(io.TextIOBase):
-    """Wraps a real stream; writes from a thread with a bound sink go to that sink instead."""
+    """Wraps a real stream; writes made in a routed context go to that run's log instead."""
 
     def __init__(self, original: Any, level: str) -> None:
         self.original = original
         self.level = level
 
     def write(self, text: str) -> int:
-        sink: Sink | None = getattr(_local, "sink", None)
-        if sink is None:
+        route = _route.get()
+        if route is None:
             return self.original.write(text)
-        buffer = _buffer(self.level)
-        buffer.append(text)
-        if "\n" in text:
-            lines = "".join(buffer).split("\n")
-            buffer[:] = [lines.pop()] if lines[-1] else []
-            for line in lines:
-                if line:
-                    sink(self.level, line)
+        route.write(self.level, text)
         return len(text)
 
     def flush(self) -> None:
-        if getattr(_local, "sink", None) is None:
+        if _route.get() is None:
             with contextlib.suppress(Exception):
                 self.original.flush()
 
@@ -59,13 +83,6 @@ class RoutedStream(io.TextIOBase):
 
     def writable(self) -> bool:
         return True
-
-
-def _buffer(level: str) -> list[str]:
-    buffers = getattr(_local, "buffers", None)
-    if buffers is None:
-        buffers = _local.buffers = {}
-    return buffers.setdefault(level, [])
 
 
 def install_output_routing() -> None:
@@ -87,14 +104,23 @@ def uninstall_output_routing() -> None:
 
 @contextlib.contextmanager
 def routed_to(sink: Sink) -> Iterator[None]:
-    """Send this thread's stdout/stderr to ``sink`` while the block runs (flushing partial lines)."""
-    previous = getattr(_local, "sink", None)
-    _local.sink = sink
+    """Send output made in this context to ``sink`` while the block runs (then flush partials)."""
+    route = _Route(sink)
+    token = _route.set(route)
     try:
         yield
     finally:
-        for level, buffer in (getattr(_local, "buffers", None) or {}).items():
-            if buffer and "".join(buffer):
-                sink(level, "".join(buffer))
-            buffer.clear()
-        _local.sink = previous
+        _route.reset(token)
+        route.flush_partial()
+
+
+def routed_thread(
+    sink: Sink, target: Callable[..., Any], *args: Any, name: str
+) -> threading.Thread:
+    """A daemon thread whose output goes to ``sink`` (for threads that run user code)."""
+
+    def main() -> None:
+        with routed_to(sink):
+            target(*args)
+
+    return threading.Thread(target=main, name=name, daemon=True)

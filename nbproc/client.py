@@ -43,6 +43,7 @@ from .protocol import (
 log = logging.getLogger("nbproc.client")
 
 JSON_HEADERS = {"Content-Type": "application/json"}
+MAX_PENDING_LOG_LINES = 2000  # per run: a print-happy loop must not queue unbounded POST /log
 
 
 class CoreUnavailable(ConnectionError):
@@ -62,7 +63,8 @@ class _Outbox:
 
     run_id: int
     epoch: int
-    lines: deque[LogLine] = field(default_factory=deque)
+    lines: deque[LogLine] = field(default_factory=lambda: deque(maxlen=MAX_PENDING_LOG_LINES))
+    overflow: int = 0  # lines dropped because the core could not keep up
     progress: SupervisorReport | None = None
     final: SupervisorReport | None = None
     task: asyncio.Task[None] | None = None
@@ -120,7 +122,8 @@ class CoreClient:
     async def wait_connected(self, timeout: float) -> bool:
         assert self._connected is not None
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._connected.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self._connected.wait()
         return self._connected.is_set()
 
     async def close(self, deregister: bool = True, flush_timeout: float = 1.0) -> None:
@@ -151,6 +154,22 @@ class CoreClient:
         """Thread-safe: the processor's modules changed; bring the core up to date soon."""
         self._loop_thread.call_soon(self._wake_supervisor)
 
+    async def sync_now(self) -> bool:
+        """Bring the core up to date right now (so a provision sent next finds the change).
+
+        Returns False when the core cannot be reached; the supervisor keeps retrying then.
+        """
+        if self.state != ConnectionState.CONNECTED:
+            self._wake_supervisor()
+            return False
+        try:
+            await self._sync()
+        except (CoreUnavailable, CoreError, ProtocolError) as exc:
+            self.last_error = str(exc)
+            self._wake_supervisor()
+            return False
+        return True
+
     def _wake_supervisor(self) -> None:
         if self._wake is not None:
             self._wake.set()
@@ -158,7 +177,7 @@ class CoreClient:
     async def _supervise(self) -> None:
         """Register, then keep checking; on any failure re-register with backoff."""
         backoff = 0.1
-        while True:
+        while self.state != ConnectionState.STOPPED:
             try:
                 await self._sync()
                 self._set_state(ConnectionState.CONNECTED)
@@ -178,8 +197,11 @@ class CoreClient:
 
     async def _sleep_or_wake(self, seconds: float) -> None:
         assert self._wake is not None
+        # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+        # arrives as the event fires, and the supervisor would outlive close().
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), seconds)
+            async with asyncio.timeout(seconds):
+                await self._wake.wait()
         self._wake.clear()
 
     async def _sync(self) -> None:
@@ -258,6 +280,8 @@ class CoreClient:
         if outbox is None:
             outbox = self._outboxes[run_id] = _Outbox(run_id, self.epoch)
         if kind == "log":
+            if len(outbox.lines) == outbox.lines.maxlen:
+                outbox.overflow += 1
             outbox.lines.append(item)
         elif kind == "progress":
             outbox.progress = item  # only the newest progress matters
@@ -268,8 +292,14 @@ class CoreClient:
 
     async def _drain(self, outbox: _Outbox) -> None:
         """Send one run's messages in order: log lines, newest progress, then the final report."""
-        while outbox.lines or outbox.progress is not None:
-            if outbox.lines:
+        while outbox.lines or outbox.progress is not None or outbox.overflow:
+            if outbox.overflow:
+                skipped, outbox.overflow = outbox.overflow, 0
+                note = f"{skipped} log lines not sent to the core (too many too fast; all are kept in the processor)"
+                await self._send_best_effort(
+                    "POST", "/log", LogLine(outbox.run_id, "warning", note)
+                )
+            elif outbox.lines:
                 await self._send_best_effort("POST", "/log", outbox.lines.popleft())
             else:
                 progress, outbox.progress = outbox.progress, None

@@ -85,6 +85,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .capture import routed_thread
 from .cluster import DROP, Cluster, is_async
 from .loop import LoopThread
 from .protocol import (
@@ -380,8 +381,8 @@ class Stage:
             for _ in range(n):
                 worker = Worker()
                 name = f"nbproc-r{self.attempt.run.key}-{self.letter}{len(self.workers)}"
-                worker.thread = threading.Thread(
-                    target=self.attempt.worker_main, args=(self, worker), name=name, daemon=True
+                worker.thread = self.attempt.run._thread(
+                    self.attempt.worker_main, self, worker, name=name
                 )
                 self.workers.append(worker)
                 self.live += 1
@@ -729,7 +730,7 @@ class Attempt:
         self.t_stage.start()
         self.l_stage.start()
         name = f"nbproc-r{self.run.key}-extract"
-        self.extract_thread = threading.Thread(target=self.extract_main, name=name, daemon=True)
+        self.extract_thread = self.run._thread(self.extract_main, name=name)
         self.extract_thread.start()
 
     def supervise(self) -> None:
@@ -1014,6 +1015,18 @@ class Run:
             self._logs.append((time.time(), level.value, message))
             if self._reporting:
                 self._engine._safe(self._engine.reporter.log, self.run_id, level, message)
+
+    def note(self, level: LogLevel | str, message: str) -> None:
+        """A log line kept locally only (e.g. that the core never confirmed the final report)."""
+        with self._log_lock:
+            self._logs.append((time.time(), LogLevel(level).value, message))
+
+    def _thread(self, target: Callable[..., Any], *args: Any, name: str) -> threading.Thread:
+        """A thread for user code: what it prints goes to this run's log, not to a random cell."""
+        return routed_thread(self._printed, target, *args, name=name)
+
+    def _printed(self, level: str, line: str) -> None:
+        self._log(LogLevel(level), line)
 
     def _set_status(self, status: Status) -> None:
         self.status = status
@@ -1318,7 +1331,7 @@ class Engine:
         while self._queue and len(self._active) < self.max_active and not self._closing:
             run = self._queue.popleft()
             run.start_order = next(self._start_seq)
-            t = threading.Thread(target=run._main, name=f"nbproc-run-{run.key}", daemon=True)
+            t = run._thread(run._main, name=f"nbproc-run-{run.key}")
             self._active[run.key] = t
             start.append((run, t))
         return start, dropped

@@ -93,7 +93,8 @@ class Processor:
         self._server = ProcessorServer(self, host, port)
         self._clusters: dict[tuple[str, str], Cluster] = {}
         self._lock = threading.RLock()
-        self.engine = Engine(self, max_active=max_active, keep_results=keep_results)
+        self._engine_options = {"max_active": max_active, "keep_results": keep_results}
+        self._engine: Engine | None = None
         self.embedded_core: Any = None
         self.core: CoreAddress | None = None
         self._client: CoreClient | None = None
@@ -110,6 +111,7 @@ class Processor:
         except BaseException:
             self._loop.stop()
             raise
+        self._engine = Engine(self, **self._engine_options)
         self._started = True
         try:
             self.connect(self._core_url, self._core_client_url, timeout=connect_timeout)
@@ -123,18 +125,27 @@ class Processor:
         if not self._started:
             return
         self._started = False
-        self.engine.shutdown(timeout=2.0)
-        if self._loop.running:
-            self._disconnect_client()
-            self._loop.run(self._server.stop, timeout=2.0)
-        self._loop.stop()
-        self._stop_embedded_core()
+        try:
+            self.engine.shutdown(timeout=2.0)
+            if self._loop.running:
+                self._disconnect_client()
+                self._loop.run(self._server.stop, timeout=2.0)
+        finally:
+            self._loop.stop()
+            self._stop_embedded_core()
 
     def __enter__(self) -> Processor:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    @property
+    def engine(self) -> Engine:
+        """The run engine (after ``stop`` it still answers for the runs it had)."""
+        if self._engine is None:
+            raise RuntimeError("the processor is not started (call .start() first)")
+        return self._engine
 
     @property
     def running(self) -> bool:
@@ -275,8 +286,19 @@ class Processor:
         ]
 
     def _modules_changed(self) -> None:
-        if self._client is not None:
-            self._client.modules_changed()
+        """Tell the core now, so that "define, then run" in consecutive cells just works."""
+        client = self._client
+        if client is None or not self._loop.running:
+            return
+        if self._loop.in_loop_thread():
+            client.modules_changed()
+            return
+        if not self._loop.run(client.sync_now, timeout=10):
+            log.warning(
+                "nbproc: the core at %s did not take the change yet (%s); retrying in the background",
+                client.core_url,
+                client.last_error or "not connected",
+            )
 
     def _cancel_runs_of(self, cluster: Cluster) -> None:
         for run in self.engine.runs():

@@ -87,9 +87,11 @@ class ProcessorServer:
 
     async def start(self) -> int:
         """Bind and serve; returns the bound port. A bind error propagates to the caller."""
-        runner = web.AppRunner(self.make_app(), handle_signals=False, access_log=None)
+        runner = web.AppRunner(
+            self.make_app(), handle_signals=False, access_log=None, shutdown_timeout=0.5
+        )
         await runner.setup()
-        site = web.TCPSite(runner, self.host, self.requested_port, shutdown_timeout=0.5)
+        site = web.TCPSite(runner, self.host, self.requested_port)
         try:
             await site.start()
         except BaseException:

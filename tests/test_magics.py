@@ -67,7 +67,7 @@ def test_options_reach_the_export(shell):
         "--l-functions 2 --t-threshold 5 --t-growth 3 --l-threshold 7 --l-growth 4 --no-mount --version 2.1",
         VEC,
     )
-    cluster = nbproc.processor().cluster("Opt", "mod")
+    cluster = nbproc.get_processor().cluster("Opt", "mod")
     export = cluster.export().to_json()
     assert export["mount"] is False
     assert export["config"]["on-load"] == "CompleteAndPush" and export["config"]["on-crash"] == "Restart"
@@ -106,9 +106,9 @@ def test_errors_are_one_line_and_register_nothing(shell, line, cell, words):
 def test_stale_functions_from_other_cells_are_not_picked_up(shell):
     shell.run_cell("def transform(h, m, item):\n    return 'stale'\n")
     shell.run_cell_magic("cluster", "Fresh", "def extract(h, m, out):\n    out.push(1)\n")
-    assert nbproc.processor().cluster("Fresh").transform is None
+    assert nbproc.get_processor().cluster("Fresh").transform is None
     shell.run_cell_magic("cluster", "Picked --transform transform", "def extract(h, m, out):\n    out.push(1)\n")
-    assert nbproc.processor().cluster("Picked").transform is shell.user_ns["transform"]
+    assert nbproc.get_processor().cluster("Picked").transform is shell.user_ns["transform"]
 
 
 def test_redefinition_keeps_running_runs_on_their_functions(shell):
@@ -122,7 +122,7 @@ def test_redefinition_keeps_running_runs_on_their_functions(shell):
     )
     eventually(lambda: "Redef" in core_clusters())
     old_run = nbproc.run("Redef")
-    eventually(lambda: nbproc.processor().engine.get(old_run) is not None)
+    eventually(lambda: nbproc.get_processor().engine.get(old_run) is not None)
     shell.run_cell_magic(
         "cluster",
         "Redef --on-load CompleteAndPush",
@@ -132,7 +132,7 @@ def test_redefinition_keeps_running_runs_on_their_functions(shell):
     )
     eventually(lambda: "Redef" in core_clusters())
     shell.user_ns["gate"].set()
-    assert nbproc.processor().wait(old_run, timeout=10).status == Status.COMPLETED
+    assert nbproc.get_processor().wait(old_run, timeout=10).status == Status.COMPLETED
     new_run = nbproc.run("Redef", wait=True, timeout=10)
     assert new_run.status == Status.COMPLETED
     assert sorted(shell.user_ns["seen"]) == ["new", "old"]
