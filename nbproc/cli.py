@@ -11,6 +11,7 @@ import logging
 import signal
 import sys
 import threading
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -122,8 +123,9 @@ def _serve(args: argparse.Namespace) -> int:
     import os
 
     from . import api
+    from .notebook import NotebookError
     from .processor import Processor
-    from .serve import load_clusters
+    from .serve import ServeError, load_clusters
 
     path: Path = args.path
     if not path.exists():
@@ -140,7 +142,15 @@ def _serve(args: argparse.Namespace) -> int:
     processor.start()
     api.use(processor)
     try:
-        clusters = load_clusters(path, processor)
+        try:
+            clusters = load_clusters(path, processor)
+        except (ServeError, NotebookError) as exc:
+            print(f"nbproc serve: {exc}", file=sys.stderr)
+            return 2
+        except Exception:  # the user's file raised while defining its clusters
+            print(f"nbproc serve: {path} failed while defining its clusters:", file=sys.stderr)
+            traceback.print_exc()
+            return 2
         if not clusters:
             print(f"nbproc serve: {path} defines no cluster", file=sys.stderr)
             return 2

@@ -320,18 +320,28 @@ class CoreState:
         self.runs[run.run_id] = run
         return run
 
-    def due_streams(self) -> list[RunState]:
-        """Create a run for every mounted Stream cluster of every processor that has none going."""
+    def due_streams(
+        self, module: str, processor: ProcessorAddress | None = None, cluster: str | None = None
+    ) -> list[RunState]:
+        """Create a run for each mounted Stream cluster of ``module`` (of one processor / one
+        cluster when given) that has none going. Only what was just registered or mounted is
+        considered: a stream an operator cancelled stays stopped until its module changes."""
         going = {
             (r.processor, r.module, r.cluster)
             for r in self.runs.values()
             if r.status not in TERMINAL_STATUSES
         }
         due = []
-        for processor in list(self.processors.values()):
-            for name, module in processor.modules.items():
-                for export in module.clusters:
-                    key = (processor.address, name, export.cluster)
+        for state in list(self.processors.values()):
+            if processor is not None and state.address != processor:
+                continue
+            for name, registered in state.modules.items():
+                if name != module:
+                    continue
+                for export in registered.clusters:
+                    key = (state.address, name, export.cluster)
+                    if cluster is not None and export.cluster != cluster:
+                        continue
                     if (
                         export.config.mode == Mode.STREAM
                         and self.available(name, export.cluster)
@@ -339,7 +349,7 @@ class CoreState:
                     ):
                         config = self.configs.get(name, {}).get(export.cluster)
                         config = config or RunConfig.from_export(export.cluster, export.config)
-                        due.append(self.new_run(name, export.cluster, config, processor.address))
+                        due.append(self.new_run(name, export.cluster, config, state.address))
         return due
 
     def run(self, run_id: int) -> RunState:
@@ -614,8 +624,9 @@ class EmbeddedCore:
         return _answer()
 
     async def _post_module(self, request: web.Request) -> web.Response:
-        self.state.register_module(ModuleRegistration.parse(await _body(request)))
-        self._start_due_streams()
+        registration = ModuleRegistration.parse(await _body(request))
+        self.state.register_module(registration)
+        self._start_due_streams(registration.module.name, registration.processor)
         return _answer()
 
     async def _delete_module(self, request: web.Request) -> web.Response:
@@ -662,8 +673,9 @@ class EmbeddedCore:
         return _answer([m.to_json() for m in self.state.module_infos()])
 
     async def _mount_module(self, request: web.Request) -> web.Response:
-        self.state.mount(MountRequest.parse(await _body(request), need_cluster=False))
-        self._start_due_streams()
+        mount = MountRequest.parse(await _body(request), need_cluster=False)
+        self.state.mount(mount)
+        self._start_due_streams(mount.module)
         return _answer()
 
     async def _list_clusters(self, request: web.Request) -> web.Response:
@@ -671,8 +683,9 @@ class EmbeddedCore:
         return _answer([c.to_json() for c in infos])
 
     async def _mount_cluster(self, request: web.Request) -> web.Response:
-        self.state.mount(MountRequest.parse(await _body(request), need_cluster=True))
-        self._start_due_streams()
+        mount = MountRequest.parse(await _body(request), need_cluster=True)
+        self.state.mount(mount)
+        self._start_due_streams(mount.module, cluster=mount.cluster)
         return _answer()
 
     async def _get_config(self, request: web.Request) -> web.Response:
@@ -749,8 +762,10 @@ class EmbeddedCore:
             log.info("run %s: processor %s did not accept it: %r", request.run_id, address, exc)
             return False
 
-    def _start_due_streams(self) -> None:
-        for run in self.state.due_streams():
+    def _start_due_streams(
+        self, module: str, processor: ProcessorAddress | None = None, cluster: str | None = None
+    ) -> None:
+        for run in self.state.due_streams(module, processor, cluster):
             self._spawn(self._launch(run, {}))
 
     async def _probe_forever(self) -> None:

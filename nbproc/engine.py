@@ -1004,7 +1004,10 @@ class Run:
             return 0.0
         t_then, n_then = samples[0]
         dt = time.monotonic() - t_then
-        return max(0.0, (loaded - n_then) / dt) if dt > 0 else 0.0
+        if dt < 0.5 or loaded <= n_then:  # too little history: the average since the start
+            elapsed = time.time() - (self.started_at or time.time())
+            return loaded / elapsed if elapsed > 0 else 0.0
+        return (loaded - n_then) / dt
 
     def _stop_requested(self) -> bool:
         attempt = self._attempt
@@ -1154,6 +1157,8 @@ class Run:
             self._log(LogLevel.FATAL, self.error or "")
             return Status.CRASHED, stats
         if self._cancel_requested:
+            if result is None and not att.collect:
+                result = att.last_result  # a stream ends by cancel: keep what load returned
             if result is not None:
                 self._result = result
             return Status.CANCELLED, stats

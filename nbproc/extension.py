@@ -10,12 +10,13 @@ from .capture import install_output_routing, uninstall_output_routing
 from .magics import NbprocMagics
 
 
-def load(ipython: Any) -> None:
+def load(ipython: Any, announce: bool = True) -> None:
     ipython.register_magics(NbprocMagics)
     install_output_routing()
     proc = api.start()
     atexit.register(api.stop)  # kernel exit: deregister and release the port
-    print(f"{proc.describe()}; show the panel with %nbproc panel")
+    if announce:
+        print(f"{proc.describe()}; show the panel with %nbproc panel")
 
 
 def unload(ipython: Any) -> None:

@@ -9,9 +9,12 @@ Operator actions in it (``%nbproc run``, ``panel`` ...) are skipped while servin
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 SKIP_TAG = "nbproc-skip"
+# The served processor is already running with the magics loaded: these lines have nothing to do.
+_LOAD_LINE = re.compile(r"^\s*%(re)?load_ext\s+nbproc\s*$", re.MULTILINE)
 
 
 class NotebookError(RuntimeError):
@@ -31,7 +34,8 @@ def code_cells(path: Path) -> list[tuple[int, str]]:
         if SKIP_TAG in (cell.get("metadata", {}).get("tags") or []):
             continue
         source = cell.get("source", "")
-        cells.append((number, "".join(source) if isinstance(source, list) else source))
+        text = "".join(source) if isinstance(source, list) else source
+        cells.append((number, _LOAD_LINE.sub("", text)))
     return cells
 
 
@@ -45,8 +49,7 @@ def run_notebook(path: Path) -> None:
     shell = InteractiveShell.instance()
     magics.SERVING_HEADLESS = True
     try:
-        load(shell)  # the processor is already current: this registers the magics only
-        shell.extension_manager.loaded.add("nbproc")  # a %load_ext nbproc cell is then a no-op
+        load(shell, announce=False)  # the processor is already current: registers the magics
         for number, source in code_cells(path):
             result = shell.run_cell(source, store_history=False)
             if not result.success:
