@@ -303,7 +303,8 @@ class CoreClient:
                 await self._send_best_effort("POST", "/log", outbox.lines.popleft())
             else:
                 progress, outbox.progress = outbox.progress, None
-                await self._send_best_effort("PUT", "/supervisor", progress)
+                if outbox.final is None:  # a final report already waiting supersedes progress
+                    await self._send_best_effort("PUT", "/supervisor", progress)
         if outbox.final is not None:
             await self._deliver_final(outbox)
             self._outboxes.pop(outbox.run_id, None)

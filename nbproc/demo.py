@@ -19,15 +19,12 @@ threshold of the US Bureau of Transportation Statistics.
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
 from collections.abc import Mapping
 from functools import cache
 from typing import Any
-from urllib.parse import urlencode
-from urllib.request import urlopen
 
 from .cluster import DROP, Cluster
 from .protocol import TERMINAL_STATUSES, RunRecord, Statistics, Status
@@ -281,33 +278,6 @@ def wait_for_core_status(processor: Any, run_id: int) -> RunRecord | None:
     return record
 
 
-def wait_until_listed(
-    processor: Any, module: str, cluster: str, timeout: float = CORE_STATUS_TIMEOUT
-) -> None:
-    """Block until the core's client endpoint lists ``module/cluster``.
-
-    ``Processor.register`` only schedules the registration on the processor's loop, so a
-    provision sent right after it can reach the core first and be refused with 404. Plain
-    blocking HTTP, so that this also works in a notebook cell (where the kernel's event loop is
-    running and ``asyncio.run`` is refused).
-    """
-    url = f"{processor.core.client_url}/cluster?{urlencode({'module': module})}"
-    deadline = time.monotonic() + timeout
-    while not _lists(url, cluster):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"the core did not list {module}/{cluster} within {timeout} s")
-        time.sleep(0.02)
-
-
-def _lists(url: str, cluster: str) -> bool:
-    try:
-        with urlopen(url, timeout=5) as answer:
-            body = json.loads(answer.read())
-    except (OSError, ValueError):
-        return False  # 4xx: the module is not registered yet
-    return any(c.get("Name") == cluster for c in body.get("data") or [])
-
-
 def run_demo(month: str) -> int:
     """Start core + processor, run the cluster through the core, print, check; 0 when all agree."""
     from .processor import Processor
@@ -317,7 +287,6 @@ def run_demo(month: str) -> int:
     try:
         print(processor.describe())
         processor.register(define())
-        wait_until_listed(processor, MODULE, CLUSTER)
         print(
             f"registered cluster {MODULE}/{CLUSTER}; provisioning through the core's client "
             f"endpoint {processor.core.client_url} with metadata month={month}"
