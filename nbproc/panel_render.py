@@ -27,6 +27,15 @@ CONNECTION_COLOURS = {
     "lost": "#dc3545",
     "stopped": "#6c757d",
 }
+# One stylesheet per panel (sent once): compact tables in the detail area, which the HTML
+# widget would otherwise lay out one 28px widget line per table row.
+PANEL_CSS = """<style>
+.nbproc-detail .widget-html-content { line-height: 1.4; }
+.nbproc-detail table { border-collapse: collapse; font-size: 0.95em; }
+.nbproc-detail th, .nbproc-detail td { padding: 1px 10px; text-align: right; }
+.nbproc-result tbody tr:nth-child(odd) { background: rgba(127, 127, 127, 0.08); }
+.nbproc-counters .widget-html-content { line-height: 1.4; }
+</style>"""
 RESULT_ROWS = 20
 RESULT_COLUMNS = 20
 RESULT_CELL_CHARS = 80
@@ -110,8 +119,13 @@ def counters_html(snap: Any, rate: float | None = None) -> str:
     ]
     if snap.dropped:
         parts.append(f"dropped {number(snap.dropped)}")
-    avg = "avg " if snap.status.is_terminal else ""
-    parts.append(f"{avg}{number(snap.rate if rate is None else rate)} items/s")
+    if snap.status.is_terminal:
+        # the engine's figure counts loaded items: 0 for a WaitAndPush run that never loaded
+        moved = max(snap.loaded, snap.transformed)
+        avg = snap.rate or (moved / snap.elapsed if snap.elapsed > 0 else 0.0)
+        parts.append(f"avg {number(avg)} items/s")
+    else:
+        parts.append(f"{number(snap.rate if rate is None else rate)} items/s")
     parts.append(f"workers t={snap.t_workers} l={snap.l_workers}")
     parts.append(duration(snap.elapsed))
     if snap.restarts:
