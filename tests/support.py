@@ -17,10 +17,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def http(method: str, url: str, body: Any = None, raw: bytes | None = None, timeout: float = 10) -> tuple[int, Any, dict]:
+def http(
+    method: str, url: str, body: Any = None, raw: bytes | None = None, timeout: float = 10
+) -> tuple[int, Any, dict]:
     """One real HTTP request; returns (status, parsed JSON or text, headers)."""
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        url, data=data, method=method, headers={"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(request, timeout=timeout) as resp:
             status, text, headers = resp.status, resp.read().decode(), dict(resp.headers)
@@ -32,7 +36,9 @@ def http(method: str, url: str, body: Any = None, raw: bytes | None = None, time
         return status, text, headers
 
 
-def eventually(check: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02, what: str = "") -> Any:
+def eventually(
+    check: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02, what: str = ""
+) -> Any:
     """Poll ``check`` until it returns something truthy; fail with ``what`` after ``timeout``."""
     deadline = time.monotonic() + timeout
     last: Any = None
@@ -41,4 +47,6 @@ def eventually(check: Callable[[], Any], timeout: float = 10.0, interval: float 
         if last:
             return last
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what or check}; last value {last!r}")
+    raise AssertionError(
+        f"timed out after {timeout}s waiting for {what or check}; last value {last!r}"
+    )

@@ -84,12 +84,18 @@ def test_load_extension_answers_while_a_cell_is_busy(kernel, core):
     assert http("GET", f"{processor_url}/debug", timeout=1)[0] == 200
     probe = time.perf_counter() - t0
     t0 = time.perf_counter()
-    status, body, _ = http("POST", f"{core.client_url}/supervisor", {"module": "common", "cluster": "Vec"}, timeout=2)
+    status, body, _ = http(
+        "POST", f"{core.client_url}/supervisor", {"module": "common", "cluster": "Vec"}, timeout=2
+    )
     provision = time.perf_counter() - t0
     assert status == 200, body
     run_id = body["data"]["id"]
     record = eventually(
-        lambda: (r := http("GET", f"{core.client_url}/supervisor?id={run_id}")[1]["data"])["status"] == "completed" and r,
+        lambda: (
+            (r := http("GET", f"{core.client_url}/supervisor?id={run_id}")[1]["data"])["status"]
+            == "completed"
+            and r
+        ),
         timeout=8,
         what="completed while the cell sleeps",
     )
@@ -100,11 +106,16 @@ def test_load_extension_answers_while_a_cell_is_busy(kernel, core):
 
 def test_output_of_runs_does_not_land_in_the_running_cell(kernel, core):
     execute(kernel, "%load_ext nbproc")
-    execute(kernel, "%%cluster Chatty\ndef extract(h, m, out):\n    print('from the run')\n    out.push(1)\n")
+    execute(
+        kernel,
+        "%%cluster Chatty\ndef extract(h, m, out):\n    print('from the run')\n    out.push(1)\n",
+    )
     eventually(lambda: processors(core))
     kernel.execute("import time; time.sleep(3); print('cell done')")
     seen: list[str] = []
-    status, body, _ = http("POST", f"{core.client_url}/supervisor", {"module": "notebook", "cluster": "Chatty"})
+    status, body, _ = http(
+        "POST", f"{core.client_url}/supervisor", {"module": "notebook", "cluster": "Chatty"}
+    )
     run_id = body["data"]["id"]
     deadline = time.time() + 10
     while time.time() < deadline:
@@ -136,7 +147,9 @@ def test_reload_ten_times_leaves_one_registration_one_socket_no_threads(kernel, 
         execute(kernel, VEC_CELL)
     after = kernel_value(kernel, probe)
     assert after == before
-    entries = eventually(lambda: (p := processors(core)) and all("common" in e["Modules"] for e in p) and p)
+    entries = eventually(
+        lambda: (p := processors(core)) and all("common" in e["Modules"] for e in p) and p
+    )
     assert len(entries) == 1
     execute(kernel, "%unload_ext nbproc")
     gone = kernel_value(kernel, probe)

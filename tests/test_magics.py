@@ -28,7 +28,16 @@ def shell():
         yield ip
     finally:
         ip.run_line_magic("unload_ext", "nbproc")
-        for name in ("extract", "transform", "load", "setup", "teardown", "verify_et", "verify_tl", "source"):
+        for name in (
+            "extract",
+            "transform",
+            "load",
+            "setup",
+            "teardown",
+            "verify_et",
+            "verify_tl",
+            "source",
+        ):
             ip.user_ns.pop(name, None)
 
 
@@ -70,7 +79,10 @@ def test_options_reach_the_export(shell):
     cluster = nbproc.get_processor().cluster("Opt", "mod")
     export = cluster.export().to_json()
     assert export["mount"] is False
-    assert export["config"]["on-load"] == "CompleteAndPush" and export["config"]["on-crash"] == "Restart"
+    assert (
+        export["config"]["on-load"] == "CompleteAndPush"
+        and export["config"]["on-crash"] == "Restart"
+    )
     assert export["config"]["static"] == {"t-functions": 3, "l-functions": 2}
     assert export["config"]["dynamic"]["t-function"] == {"threshold": 5, "growth-factor": 3}
     assert export["config"]["dynamic"]["l-function"] == {"threshold": 7, "growth-factor": 4}
@@ -83,14 +95,22 @@ def test_options_reach_the_export(shell):
     ("line", "cell", "words"),
     [
         ("Bad", "def transform(h, m, item):\n    return item\n", "no extract"),
-        ("Bad", "def extract(h, out):\n    pass\n", "extract must be callable as extract(h, m, out)"),
+        (
+            "Bad",
+            "def extract(h, out):\n    pass\n",
+            "extract must be callable as extract(h, m, out)",
+        ),
         ("Bad", VEC + "\ndef load(batch):\n    return batch\n", "load must be callable"),
         ("Bad --mode sometimes", VEC, "mode must be one of"),
         ("Bad --on-load Later", VEC, "on_load must be one of"),
         ("Bad --t-functions 0", VEC, "t_functions must be an integer >= 1"),
         ("Bad --extract nowhere", VEC, "no such name"),
         ("Bad --t-functions x", VEC, "invalid int value"),
-        ("Bad", "def extract(h, m, out):\n    pass\nraise RuntimeError('boom')\n", "the cell raised"),
+        (
+            "Bad",
+            "def extract(h, m, out):\n    pass\nraise RuntimeError('boom')\n",
+            "the cell raised",
+        ),
     ],
 )
 def test_errors_are_one_line_and_register_nothing(shell, line, cell, words):
@@ -107,7 +127,9 @@ def test_stale_functions_from_other_cells_are_not_picked_up(shell):
     shell.run_cell("def transform(h, m, item):\n    return 'stale'\n")
     shell.run_cell_magic("cluster", "Fresh", "def extract(h, m, out):\n    out.push(1)\n")
     assert nbproc.get_processor().cluster("Fresh").transform is None
-    shell.run_cell_magic("cluster", "Picked --transform transform", "def extract(h, m, out):\n    out.push(1)\n")
+    shell.run_cell_magic(
+        "cluster", "Picked --transform transform", "def extract(h, m, out):\n    out.push(1)\n"
+    )
     assert nbproc.get_processor().cluster("Picked").transform is shell.user_ns["transform"]
 
 

@@ -60,7 +60,13 @@ def test_debug_probe_closes_the_connection(processor):
 
 def test_both_request_shapes_are_accepted(processor):
     processor.register(Cluster("Vec", count_to(3), module="common"))
-    doc_shape = {"module": "common", "cluster": "Vec", "config": "Vec", "supervisor": 7, "metadata": {"k": "v"}}
+    doc_shape = {
+        "module": "common",
+        "cluster": "Vec",
+        "config": "Vec",
+        "supervisor": 7,
+        "metadata": {"k": "v"},
+    }
     core_shape = {
         "module": "common",
         "cluster": "Vec.fast",
@@ -119,7 +125,10 @@ def test_cluster_resolution_and_404s(processor):
         (b'{"module": "m", "cluster": "A", "id": true}', "id"),
         (b'{"module": "m", "cluster": "A", "id": 1, "metadata": {"k": 1}}', "metadata.k"),
         (b'{"module": "m", "cluster": "A", "id": 1, "config": 3}', "config"),
-        (b'{"module": "m", "cluster": "A", "id": 1, "config": {"start-with-n-t-channels": 0}}', "start-with-n-t-channels"),
+        (
+            b'{"module": "m", "cluster": "A", "id": 1, "config": {"start-with-n-t-channels": 0}}',
+            "start-with-n-t-channels",
+        ),
         (b'{"module": "m", "cluster": "A", "id": 1, "config": {"on-load": "Later"}}', "on-load"),
         (b'{"module": "m", "cluster": "A", "id": 1} trailing', "malformed JSON"),
         (b'{"module": "m", "cluster": "A", "id": NaN}', "NaN"),
@@ -155,7 +164,9 @@ def test_answer_goes_out_before_the_run_starts(processor):
 
     processor.register(Cluster("Fast", extract, module="m"))
     t0 = time.perf_counter()
-    status, _, _ = http("POST", f"{processor.url}/supervisor", {"module": "m", "cluster": "Fast", "id": 1})
+    status, _, _ = http(
+        "POST", f"{processor.url}/supervisor", {"module": "m", "cluster": "Fast", "id": 1}
+    )
     answered_at.append(time.perf_counter() - t0)
     assert status == 200
     assert started.wait(5)
@@ -207,7 +218,9 @@ def test_registered_port_is_the_bound_port(core, processor):
 
 
 def test_core_address_defaults():
-    assert CoreAddress.from_url("http://core:8137") == CoreAddress("http://core:8137", "http://core:8136")
+    assert CoreAddress.from_url("http://core:8137") == CoreAddress(
+        "http://core:8137", "http://core:8136"
+    )
     assert CoreAddress.from_url("core") == CoreAddress("http://core:8137", "http://core:8136")
     assert CoreAddress.from_url("http://h:9000", "http://h:9001").client_url == "http://h:9001"
     with pytest.raises(ValueError):
@@ -220,11 +233,15 @@ def test_core_address_defaults():
 def test_provision_through_the_core_completes_with_counts(core, processor):
     processor.register(Cluster("Vec", count_to(250), lambda h, m, x: x, module="common"))
     status, body, _ = http(
-        "POST", f"{core.client_url}/supervisor", {"module": "common", "cluster": "Vec", "metadata": {"a": "b"}}
+        "POST",
+        f"{core.client_url}/supervisor",
+        {"module": "common", "cluster": "Vec", "metadata": {"a": "b"}},
     )
     assert status == 200 and body["success"], body
     run_id = body["data"]["id"]
-    record = eventually(lambda: (r := core_run(core, run_id))["status"] == "completed" and r, what="completed")
+    record = eventually(
+        lambda: (r := core_run(core, run_id))["status"] == "completed" and r, what="completed"
+    )
     assert record["statistics"]["data"]["total-processed"] == 250
     assert record["statistics"]["data"]["total-over-et"] == 250
     status, stats, _ = http("GET", f"{core.client_url}/statistics?module=common&cluster=Vec")
@@ -242,7 +259,12 @@ def test_redefinition_reregisters_the_module(core, processor):
 
     eventually(clusters, what="both clusters at the core")
     processor.unregister("Vec", "common")
-    eventually(lambda: [c["Name"] for c in http("GET", f"{core.client_url}/cluster?module=common")[1]["data"]] == ["Other"])
+    eventually(
+        lambda: (
+            [c["Name"] for c in http("GET", f"{core.client_url}/cluster?module=common")[1]["data"]]
+            == ["Other"]
+        )
+    )
 
 
 def test_logs_reach_the_core_before_the_final_report(core, processor):
@@ -252,10 +274,16 @@ def test_logs_reach_the_core_before_the_final_report(core, processor):
             out.push(i)
 
     processor.register(Cluster("Talk", extract, module="m"))
-    run_id = http("POST", f"{core.client_url}/supervisor", {"module": "m", "cluster": "Talk"})[1]["data"]["id"]
+    run_id = http("POST", f"{core.client_url}/supervisor", {"module": "m", "cluster": "Talk"})[1][
+        "data"
+    ]["id"]
     eventually(lambda: core_run(core, run_id)["status"] == "completed")
     logs = core.call(lambda: list(core.core.state.runs[run_id].logs))
-    assert [line.message for line in logs if line.message.startswith("line")] == ["line 0", "line 1", "line 2"]
+    assert [line.message for line in logs if line.message.startswith("line")] == [
+        "line 0",
+        "line 1",
+        "line 2",
+    ]
 
 
 def test_cache_round_trip_through_the_core(core, processor):
@@ -267,7 +295,9 @@ def test_cache_round_trip_through_the_core(core, processor):
         out.push(1)
 
     processor.register(Cluster("Cache", extract, module="m"))
-    run_id = http("POST", f"{core.client_url}/supervisor", {"module": "m", "cluster": "Cache"})[1]["data"]["id"]
+    run_id = http("POST", f"{core.client_url}/supervisor", {"module": "m", "cluster": "Cache"})[1][
+        "data"
+    ]["id"]
     eventually(lambda: core_run(core, run_id)["status"] == "completed")
     assert seen == [{"token": [1, 2, 3]}]
 
@@ -288,14 +318,23 @@ def test_core_restart_mid_run_reregisters_and_never_loses_silently(caplog):
     try:
         proc.register(Cluster("Slow", extract, module="m"))
         eventually(lambda: http("GET", f"{first.client_url}/cluster?module=m")[1]["data"])
-        run_id = http("POST", f"{first.client_url}/supervisor", {"module": "m", "cluster": "Slow"})[1]["data"]["id"]
-        eventually(lambda: proc.engine.get(run_id) is not None and proc.engine.get(run_id).status == Status.ACTIVE)
+        run_id = http("POST", f"{first.client_url}/supervisor", {"module": "m", "cluster": "Slow"})[
+            1
+        ]["data"]["id"]
+        eventually(
+            lambda: (
+                proc.engine.get(run_id) is not None
+                and proc.engine.get(run_id).status == Status.ACTIVE
+            )
+        )
         first.stop()
         second = ThreadedCore(**options).start()
 
         def registered_again():
             _, body, _ = http("GET", f"{second.client_url}/processor")
-            return [p for p in body["data"] if p["Port"] == proc.address.port and "m" in p["Modules"]]
+            return [
+                p for p in body["data"] if p["Port"] == proc.address.port and "m" in p["Modules"]
+            ]
 
         eventually(registered_again, timeout=15, what="re-registration with the new core")
         with caplog.at_level(logging.WARNING, logger="nbproc"):
@@ -303,7 +342,9 @@ def test_core_restart_mid_run_reregisters_and_never_loses_silently(caplog):
             run = proc.wait(run_id, timeout=10)
             assert run.status == Status.COMPLETED
             lost = eventually(
-                lambda: [r for r in caplog.records if f"run {run_id} ended completed" in r.getMessage()],
+                lambda: [
+                    r for r in caplog.records if f"run {run_id} ended completed" in r.getMessage()
+                ],
                 what="a log line naming the lost run",
             )
         assert "restarted" in lost[0].getMessage()
@@ -320,12 +361,18 @@ def test_core_restart_mid_run_reregisters_and_never_loses_silently(caplog):
 
 def test_a_core_that_is_down_at_start_is_joined_later():
     client_port, processor_port = free_port(), free_port()
-    proc = Processor(f"http://127.0.0.1:{processor_port}", core_client=f"http://127.0.0.1:{client_port}", heartbeat=0.3)
+    proc = Processor(
+        f"http://127.0.0.1:{processor_port}",
+        core_client=f"http://127.0.0.1:{client_port}",
+        heartbeat=0.3,
+    )
     proc.start(connect_timeout=0.3)
     try:
         assert proc.connection_state == "connecting"
         proc.register(Cluster("Vec", count_to(1), module="m"))
-        with ThreadedCore(host="127.0.0.1", client_port=client_port, processor_port=processor_port) as core:
+        with ThreadedCore(
+            host="127.0.0.1", client_port=client_port, processor_port=processor_port
+        ) as core:
             eventually(lambda: proc.connection_state == "connected", timeout=10)
             body = http("GET", f"{core.client_url}/module")[1]
             assert [m["Name"] for m in body["data"]] == ["m"]
@@ -339,7 +386,24 @@ def test_fuzzed_run_requests_never_5xx(processor):
 
     processor.register(Cluster("A", count_to(1), module="m"))
     rng = random.Random(1234)
-    values = [None, True, False, 0, -1, 1.5, 2**70, "", "A", "m", [], {}, [1], {"a": 1}, "x" * 300, float("1e308")]
+    values = [
+        None,
+        True,
+        False,
+        0,
+        -1,
+        1.5,
+        2**70,
+        "",
+        "A",
+        "m",
+        [],
+        {},
+        [1],
+        {"a": 1},
+        "x" * 300,
+        float("1e308"),
+    ]
     keys = ["module", "cluster", "config", "id", "supervisor", "metadata", "identifier", ""]
     statuses = set()
     for i in range(1200):
@@ -350,7 +414,13 @@ def test_fuzzed_run_requests_never_5xx(processor):
             body = {rng.choice(keys): rng.choice(values) for _ in range(rng.randint(0, 6))}
             raw = json.dumps(body).encode()
         elif kind == 2:
-            body = {"module": "m", "cluster": "A", "id": rng.choice(values), "config": rng.choice(values + [{"start-with-n-t-channels": rng.choice(values)}]), "metadata": rng.choice(values)}
+            body = {
+                "module": "m",
+                "cluster": "A",
+                "id": rng.choice(values),
+                "config": rng.choice(values + [{"start-with-n-t-channels": rng.choice(values)}]),
+                "metadata": rng.choice(values),
+            }
             raw = json.dumps(body).encode()
         else:
             raw = json.dumps(rng.choice(values)).encode()[: rng.randint(0, 20)]

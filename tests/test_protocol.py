@@ -36,7 +36,9 @@ def test_module_registration_sends_clusters_and_exports():
     assert body["host"] == "localhost" and body["port"] == 5023
     assert config["clusters"] == config["exports"]
     assert config["clusters"][0]["config"]["static"] == {"t-functions": 1, "l-functions": 1}
-    assert ModuleRegistration.parse(json.loads(dumps(body))) == ModuleRegistration(ProcessorAddress("localhost", 5023), module)
+    assert ModuleRegistration.parse(json.loads(dumps(body))) == ModuleRegistration(
+        ProcessorAddress("localhost", 5023), module
+    )
 
 
 def test_published_export_example_round_trips():
@@ -48,15 +50,31 @@ def test_published_export_example_round_trips():
             "on-crash": "DoNothing",
             "on-load": "WaitAndPush",
             "static": {"t-functions": 1, "l-functions": 1},
-            "dynamic": {"t-function": {"threshold": 2, "growth-factor": 2}, "l-function": {"threshold": 2, "growth-factor": 2}},
+            "dynamic": {
+                "t-function": {"threshold": 2, "growth-factor": 2},
+                "l-function": {"threshold": 2, "growth-factor": 2},
+            },
         },
     }
     assert ClusterExport.parse(example, "export").to_json() == example
 
 
 def test_run_request_both_shapes():
-    doc = RunRequest.parse({"module": "common", "cluster": "Vec", "config": "Vec", "supervisor": 7, "metadata": {"key": "value"}})
-    assert (doc.run_id, doc.config, doc.config_name, doc.metadata) == (7, None, "Vec", {"key": "value"})
+    doc = RunRequest.parse(
+        {
+            "module": "common",
+            "cluster": "Vec",
+            "config": "Vec",
+            "supervisor": 7,
+            "metadata": {"key": "value"},
+        }
+    )
+    assert (doc.run_id, doc.config, doc.config_name, doc.metadata) == (
+        7,
+        None,
+        "Vec",
+        {"key": "value"},
+    )
     core = RunRequest.parse(
         {
             "module": "common",
@@ -67,7 +85,11 @@ def test_run_request_both_shapes():
         }
     )
     assert core.run_id == 7 and core.metadata == {}
-    assert core.config is not None and core.config.t_channels == 3 and core.config.on_load == OnLoad.WAIT_AND_PUSH
+    assert (
+        core.config is not None
+        and core.config.t_channels == 3
+        and core.config.on_load == OnLoad.WAIT_AND_PUSH
+    )
     filled = core.config.with_defaults(ExportConfig(t_functions=1, l_functions=4))
     assert (filled.t_channels, filled.l_channels, filled.et_threshold) == (3, 4, 2)
 
@@ -81,8 +103,14 @@ def test_run_request_both_shapes():
         ({"module": "", "cluster": "c", "id": 1}, "module"),
         ({"module": "m", "cluster": "c", "id": 1, "metadata": []}, "metadata"),
         ({"module": "m", "cluster": "c", "id": 1, "metadata": {"a": None}}, "metadata.a"),
-        ({"module": "m", "cluster": "c", "id": 1, "config": {"et-channel-threshold": "2"}}, "config.et-channel-threshold"),
-        ({"module": "m", "cluster": "c", "id": 1, "config": {"on-crash": "Explode"}}, "config.on-crash"),
+        (
+            {"module": "m", "cluster": "c", "id": 1, "config": {"et-channel-threshold": "2"}},
+            "config.et-channel-threshold",
+        ),
+        (
+            {"module": "m", "cluster": "c", "id": 1, "config": {"on-crash": "Explode"}},
+            "config.on-crash",
+        ),
     ],
 )
 def test_run_request_errors_name_the_field(body, field):
@@ -101,11 +129,18 @@ def test_cluster_resolution_rules():
 
 
 def test_statistics_shape_and_parse_round_trip():
-    stats = Statistics(transform_routines=2, total_processed=5, total_over_et=6, total_over_tl=5, total_dropped=1)
+    stats = Statistics(
+        transform_routines=2, total_processed=5, total_over_et=6, total_over_tl=5, total_dropped=1
+    )
     body = stats.to_json()
     assert set(body) == {"threads", "channels", "data", "timing"}
     assert body["threads"]["num-provisioned-transform-routes"] == 2
-    assert set(body["timing"]["et-channel"]) == {"min-time-before-pop-ns", "max-time-before-pop-ns", "average-time-ns", "median-time-ns"}
+    assert set(body["timing"]["et-channel"]) == {
+        "min-time-before-pop-ns",
+        "max-time-before-pop-ns",
+        "average-time-ns",
+        "median-time-ns",
+    }
     assert Statistics.parse(body) == stats
     assert Statistics.parse({}) == Statistics()
 
