@@ -101,6 +101,10 @@ class _Shared:
             widget.close()
 
 
+def _nothing() -> None:
+    pass
+
+
 def _spawn(fn: Callable[[], None]) -> None:
     threading.Thread(target=fn, name="nbproc-panel-action", daemon=True).start()
 
@@ -245,8 +249,9 @@ class Panel:
         self._detail = _DetailState()
         self._next_idle = 0.0
         self._shown_in: int | None = None
+        self._engine: Any = None
+        self._unsubscribe: Callable[[], None] = _nothing
         self._build()
-        self._unsubscribe = processor.engine.add_listener(self._on_run_event)
         self.flush()
         updater.add(self)
 
@@ -328,12 +333,17 @@ class Panel:
         with self._lock:
             if self._closed:
                 return
-            self._closed = True
-            self._unsubscribe()
-            rows = list(self._rows.values()) + list(self._cluster_rows.values())
-            self._rows.clear()
-            self._cluster_rows.clear()
+            self._shut()
+
+    def _shut(self) -> None:
+        """Unsubscribe, leave the updater, close every widget (holding the lock)."""
+        self._closed = True
+        self._unsubscribe()
+        self._unsubscribe = _nothing
         self._updater.remove(self)
+        rows = list(self._rows.values()) + list(self._cluster_rows.values())
+        self._rows.clear()
+        self._cluster_rows.clear()
         for row in rows:
             row.close()
         _close_tree(self.widget)
@@ -385,8 +395,8 @@ class Panel:
         _spawn(action)
 
     def _say(self, text: str, error: bool = False) -> None:
-        colour = "#dc3545" if error else "#333"
-        self._message = f'<span style="color:{colour}">{render.esc(text)}</span>'
+        style = ' style="color:#dc3545"' if error else ""
+        self._message = f"<span{style}>{render.esc(text)}</span>"
         self._updater.poke()
 
     # -- flushing (the updater thread) ---------------------------------------------------------
@@ -400,11 +410,10 @@ class Panel:
         with self._lock:
             if self._closed:
                 return
-            if self.widget.comm is None:  # someone closed our widget: stop updating
-                self._closed = True
-                self._unsubscribe()
-                self._updater.remove(self)
+            if self.widget.comm is None:  # someone closed our widget: close the rest, stop
+                self._shut()
                 return
+            self._follow_engine()
             now = time.monotonic()
             idle_due = now >= self._next_idle
             if idle_due:
@@ -415,6 +424,29 @@ class Panel:
                 self._refresh_runs()
             _set(self.message, value=self._message)
             self._refresh_detail(now, idle_due)
+
+    def _follow_engine(self) -> None:
+        """Listen to the processor's current engine: a restarted processor has a new one."""
+        try:
+            engine = self.processor.engine
+        except RuntimeError:  # never started
+            engine = None
+        if engine is self._engine:
+            return
+        self._unsubscribe()
+        self._engine = engine
+        self._unsubscribe = _nothing if engine is None else engine.add_listener(self._on_run_event)
+        self._runs_dirty = True
+        self._forget_rows()  # run keys restart with each engine
+
+    def _forget_rows(self) -> None:
+        rows, self._rows, self._shown = list(self._rows.values()), {}, ()
+        if rows:
+            self.runs_box.children = ()
+        for row in rows:
+            row.close()
+        self._selected = None
+        self._detail.reset(None)
 
     def _refresh_header(self) -> None:
         state = render.connection_state(self.processor)
@@ -441,7 +473,7 @@ class Panel:
 
     def _refresh_runs(self) -> None:
         self._runs_dirty = False  # before reading: an event during this flush means another one
-        runs = self.processor.runs()
+        runs = self._engine.runs() if self._engine is not None else []
         shown = runs[: self.max_rows]
         keys = []
         budget = NEW_ROWS_PER_FLUSH

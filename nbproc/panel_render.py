@@ -26,6 +26,7 @@ CONNECTION_COLOURS = {
     "reconnecting": "#b8860b",
     "lost": "#dc3545",
     "stopped": "#6c757d",
+    "disconnected": "#6c757d",
 }
 # One stylesheet per panel (sent once): compact tables in the detail area, which the HTML
 # widget would otherwise lay out one 28px widget line per table row.
@@ -87,6 +88,8 @@ def connection_state(processor: Any) -> str:
     """The state the header shows: a stopped client of a started processor means *lost*."""
     if not processor.running:
         return "stopped"
+    if processor.core is None:
+        return "disconnected"
     state = str(processor.connection_state)
     return "lost" if state == "stopped" else state
 

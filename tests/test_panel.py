@@ -433,6 +433,30 @@ def test_panels_share_one_updater_thread_and_closing_one_leaves_the_others(proc)
     )
 
 
+def test_a_panel_follows_its_processor_through_start_stop_and_restart(updater):
+    proc = Processor()
+    panel = Panel(proc, updater=updater)  # before start: no engine yet, no error
+    try:
+        assert "nbproc-connection-stopped" in panel.header._dom_classes
+        proc.start()
+        register(proc, Cluster("Again", numbers(7)))
+        first = proc.wait(proc.provision("Again"), timeout=30)
+        eventually(shows(panel, "completed"), timeout=5)
+        proc.stop()
+        eventually(lambda: "nbproc-connection-stopped" in panel.header._dom_classes, timeout=5)
+        assert newest_row(panel)["status"] == "completed"  # a stopped engine still has its runs
+        proc.start()
+        register(proc, Cluster("Again", numbers(9)))
+        second = proc.wait(proc.provision("Again"), timeout=30)
+        assert second.key == first.key  # a new engine numbers its runs from 1 again
+        eventually(lambda: "loaded 9 " in newest_row(panel).get("counters", ""), timeout=5)
+        assert len(panel.row_state()) == 1
+        assert "nbproc-connection-connected" in panel.header._dom_classes
+    finally:
+        panel.close()
+        proc.stop()
+
+
 def test_a_stopped_processor_shows_as_such(updater):
     proc = Processor().start()
     panel = Panel(proc, updater=updater)
