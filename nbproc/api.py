@@ -207,7 +207,7 @@ def unmount(module: str, cluster: str | None = None) -> None:
 
 def panel() -> Any:
     """Display (and return) a monitoring panel for the default processor."""
-    from .panel import Panel
+    from .widgets import Panel
 
     shown = Panel(get_processor())
     shown.show()

@@ -18,11 +18,11 @@ import pytest
 from comm.base_comm import BaseComm
 from support import eventually
 
-from nbproc import panel_render as render
+from nbproc import widgets_render as render
 from nbproc.cluster import Cluster
-from nbproc.panel import Panel, parse_metadata
-from nbproc.panel_updater import THREAD_NAME, Updater
 from nbproc.processor import Processor
+from nbproc.widgets import Panel, parse_metadata
+from nbproc.widgets_updater import THREAD_NAME, Updater
 
 
 class RecordingComm(BaseComm):
@@ -392,12 +392,12 @@ def test_results_and_logs_are_rendered_truncated():
     assert len(text) < 100 * 1200
 
 
-def test_nbproc_panel_stays_callable_once_the_module_is_imported():
+def test_nbproc_panel_stays_callable_once_the_widgets_are_imported():
     import nbproc
-    import nbproc.panel
+    import nbproc.widgets
 
     assert callable(nbproc.panel)
-    assert nbproc.panel.Panel is Panel
+    assert nbproc.widgets.Panel is Panel
 
 
 def test_parse_metadata():

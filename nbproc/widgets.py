@@ -1,7 +1,7 @@
 """The monitoring panel: one ipywidgets view of a processor, its clusters and its runs.
 
 Threads. Widgets are written by exactly one thread, the shared updater
-(:mod:`nbproc.panel_updater`), plus the thread that builds the panel (its first paint, before
+(:mod:`nbproc.widgets_updater`), plus the thread that builds the panel (its first paint, before
 anything else can see it). The engine calls :meth:`Panel._on_run_event` from its threads: that
 only sets a flag and pokes the updater. Button clicks arrive on the kernel's shell thread: they
 record what to show (a selection, a message) or start a short-lived action thread for the network
@@ -12,7 +12,7 @@ Volume. A flush only sets values that changed, each widget inside ``hold_sync`` 
 changes cost one message; a run row has one widget that changes while the run is active (its
 counters line), so a flush costs about one message per active run shown. At most
 :data:`MAX_RUN_ROWS` rows (the newest runs) exist; rows that scroll off are closed, not hidden.
-Results, logs and tracebacks are rendered truncated (see :mod:`nbproc.panel_render`).
+Results, logs and tracebacks are rendered truncated (see :mod:`nbproc.widgets_render`).
 
 Without a kernel (plain Python, tests) everything is built and updated the same way; ``show()``
 just displays nothing.
@@ -21,10 +21,8 @@ just displays nothing.
 from __future__ import annotations
 
 import shlex
-import sys
 import threading
 import time
-import types
 from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -32,8 +30,8 @@ from typing import Any
 import ipywidgets as w
 from ipywidgets.widgets.widget_string import HTMLStyle
 
-from . import panel_render as render
-from .panel_updater import IDLE_POLL, UPDATER, Updater
+from . import widgets_render as render
+from .widgets_updater import IDLE_POLL, UPDATER, Updater
 
 MAX_RUN_ROWS = 50
 # A new row opens 7 widget models (and closes as many when it scrolls off): a burst of short runs
@@ -587,20 +585,3 @@ class _DetailState:
             self.next_logs = now + LOG_REFRESH
             return True
         return False
-
-
-class _CallableModule(types.ModuleType):
-    """``nbproc.panel()`` keeps working once this module is imported.
-
-    Importing ``nbproc.panel`` binds the attribute ``panel`` of the package to this module, which
-    would shadow the API function :func:`nbproc.api.panel` (resolved lazily by the package's
-    ``__getattr__``): the second ``nbproc.panel()`` of a session would call a module.
-    """
-
-    def __call__(self) -> Panel:
-        from .api import panel
-
-        return panel()
-
-
-sys.modules[__name__].__class__ = _CallableModule
