@@ -54,33 +54,7 @@ def __getattr__(name: str) -> Any:
 
 __version__ = "0.1.0"
 
-__all__ = [  # noqa: F822 (resolved lazily by __getattr__)
-    "DROP",
-    "Cluster",
-    "run_local",
-    "ClusterDefinitionError",
-    "Processor",
-    "cancel",
-    "define",
-    "clusters",
-    "connect",
-    "current",
-    "disconnect",
-    "get_run",
-    "logs",
-    "mount",
-    "panel",
-    "get_processor",
-    "register",
-    "result",
-    "run",
-    "runs",
-    "start",
-    "status",
-    "stop",
-    "unmount",
-    "unregister",
-]
+__all__ = [*_ELSEWHERE, *_API]  # noqa: F822 (resolved lazily by __getattr__)
 
 
 def load_ipython_extension(ipython: Any) -> None:

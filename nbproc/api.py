@@ -20,11 +20,12 @@ _current: Processor | None = None
 _lock = threading.RLock()
 
 
-def start(core: str | None = None, **options: Any) -> Processor:
+def start(core: str | None = None, *, connect_timeout: float = 5.0, **options: Any) -> Processor:
     """Start this process's processor (idempotent) and connect it to ``core``.
 
     ``core`` is a core's processor-endpoint URL; it defaults to ``$NBPROC_CORE``, and with
-    neither an embedded core is started on loopback. Options go to :class:`Processor`
+    neither an embedded core is started on loopback. It waits up to ``connect_timeout`` seconds
+    for the registration, then goes on retrying in the background. Options go to :class:`Processor`
     (``host``, ``port``, ``advertise_host``, ``core_client``, ``max_active`` ...).
     """
     global _current
@@ -33,7 +34,7 @@ def start(core: str | None = None, **options: Any) -> Processor:
             return _current
         core = core or os.environ.get("NBPROC_CORE") or None
         options.setdefault("core_client", os.environ.get("NBPROC_CORE_CLIENT") or None)
-        _current = Processor(core, **options).start()
+        _current = Processor(core, **options).start(connect_timeout=connect_timeout)
         return _current
 
 

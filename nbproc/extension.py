@@ -13,7 +13,8 @@ from .magics import NbprocMagics
 def load(ipython: Any, announce: bool = True) -> None:
     ipython.register_magics(NbprocMagics)
     install_output_routing()
-    proc = api.start()
+    # A kernel must not hang on a core that is down: wait briefly, then retry in the background.
+    proc = api.start(connect_timeout=1.0)
     atexit.register(api.stop)  # kernel exit: deregister and release the port
     if announce:
         print(f"{proc.describe()}; show the panel with %nbproc panel")
