@@ -39,7 +39,9 @@ def tiny_extract(h, m, out):
 
 
 async def _load(url: str, n: int, first_id: int, sequential: bool) -> list[float]:
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=True)) as session:
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0, force_close=True)
+    ) as session:
 
         async def one(run_id: int) -> float:
             body = json.dumps({"module": "bench", "cluster": "Tiny", "id": run_id, "metadata": {}})
@@ -108,7 +110,9 @@ async def tiny_runs(client_url: str, n: int) -> tuple[float, dict[str, int]]:
         ids = await asyncio.gather(*(op.provision("bench", "Tiny", "Tiny", {}) for _ in range(n)))
         statuses: dict[str, int] = {}
         for run_id in ids:
-            record = await op.wait_for_status(run_id, {"completed", "crashed", "cancelled"}, timeout=120)
+            record = await op.wait_for_status(
+                run_id, {"completed", "crashed", "cancelled"}, timeout=120
+            )
             statuses[record.status] = statuses.get(record.status, 0) + 1
         return time.perf_counter() - t0, statuses
 
@@ -130,12 +134,16 @@ def main() -> int:
             burst = measure(proc.url, args.concurrent, 20_000_000, sequential=False)
             time.sleep(1)
             bare = bare_baseline(args.concurrent)
-            print(f"run request -> 200 at the processor ({args.concurrent} requests, from another process):")
+            print(
+                f"run request -> 200 at the processor ({args.concurrent} requests, from another process):"
+            )
             print(f"  one at a time (as the reference core)  {summary(seq)}")
             print(f"  {args.concurrent} at once (burst)              {summary(burst)}")
             print(f"  same burst, bare aiohttp answering 200 {summary(bare)}")
             wall, statuses = asyncio.run(tiny_runs(core.client_url, args.runs))
-            print(f"{args.runs} tiny runs through the embedded core: {wall:.2f} s ({args.runs / wall:.0f} runs/s)")
+            print(
+                f"{args.runs} tiny runs through the embedded core: {wall:.2f} s ({args.runs / wall:.0f} runs/s)"
+            )
             print(f"  final statuses at the core: {statuses}")
             ok = statuses.get("completed", 0) == args.runs
         finally:
