@@ -31,6 +31,12 @@ def start(core: str | None = None, *, connect_timeout: float = 5.0, **options: A
     global _current
     with _lock:
         if _current is not None and _current.running:
+            if core or options.keys() - {"core_client"}:
+                raise RuntimeError(
+                    "nbproc is already running "
+                    f"({_current.describe()}); use nbproc.connect(url) to change cores, "
+                    "or nbproc.stop() first to start it with other options"
+                )
             return _current
         core = core or os.environ.get("NBPROC_CORE") or None
         options.setdefault("core_client", os.environ.get("NBPROC_CORE_CLIENT") or None)

@@ -14,6 +14,7 @@ import threading
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from . import __version__
 
@@ -56,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "path",
         type=Path,
-        help="a .py file using nbproc.cluster(...) or a notebook with %%%%cluster cells",
+        help="a .py file using nbproc.define(...) or a notebook with %%%%cluster cells",
     )
     serve.add_argument(
         "--core",
@@ -105,9 +106,16 @@ def _wait_for_signal() -> None:
 def _core(args: argparse.Namespace) -> int:
     from .core import ThreadedCore
 
-    core = ThreadedCore(
-        host=args.host, client_port=args.client_port, processor_port=args.processor_port
-    ).start()
+    try:
+        core = ThreadedCore(
+            host=args.host, client_port=args.client_port, processor_port=args.processor_port
+        ).start()
+    except (OSError, OverflowError) as exc:
+        print(
+            f"nbproc core: cannot listen on {args.host} ports {args.client_port}/{args.processor_port}: {exc}",
+            file=sys.stderr,
+        )
+        return 2
     print(
         f"nbproc core: client endpoint {core.client_url}, processor endpoint {core.processor_url}",
         flush=True,
@@ -116,6 +124,7 @@ def _core(args: argparse.Namespace) -> int:
         _wait_for_signal()
     finally:
         core.stop()
+        print("nbproc core: stopped", flush=True)
     return 0
 
 
@@ -131,6 +140,9 @@ def _serve(args: argparse.Namespace) -> int:
     if not path.exists():
         print(f"nbproc serve: {path} does not exist", file=sys.stderr)
         return 2
+    if args.max_active < 1:
+        print(f"nbproc serve: --max-active must be >= 1, got {args.max_active}", file=sys.stderr)
+        return 2
     processor = Processor(
         args.core or os.environ.get("NBPROC_CORE") or None,
         core_client=args.core_client or os.environ.get("NBPROC_CORE_CLIENT") or None,
@@ -139,7 +151,12 @@ def _serve(args: argparse.Namespace) -> int:
         advertise_host=args.advertise_host,
         max_active=args.max_active,
     )
-    processor.start()
+    try:
+        processor.start()
+    except (OSError, OverflowError) as exc:
+        print(f"nbproc serve: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return 2
+    processor.engine.add_listener(_print_run_ends)
     api.use(processor)
     try:
         try:
@@ -163,7 +180,18 @@ def _serve(args: argparse.Namespace) -> int:
     finally:
         api.use(None)
         processor.stop()
+        print("nbproc serve: stopped (deregistered from the core)", flush=True)
     return 0
+
+
+def _print_run_ends(run: Any) -> None:
+    """Headless, the operator's only window on a crash is this process's output."""
+    if not run.done:
+        return
+    line = f"run {run.run_id} {run.module}/{run.name}: {run.status}"
+    if run.error:
+        line += "\n" + run.error.rstrip()
+    print(line, file=sys.__stdout__, flush=True)  # not the run's routed output
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -109,6 +110,8 @@ class CoreClient:
         self._connected: asyncio.Event | None = None
         self._registration_lock: asyncio.Lock | None = None
         self._outboxes: dict[int, _Outbox] = {}
+        self._finals_in_flight: dict[int, int] = {}  # run id -> final reports not yet settled
+        self._finals_lock = threading.Lock()
 
     # -- lifecycle (on the loop) -------------------------------------------------------------
     async def start(self) -> None:
@@ -267,14 +270,32 @@ class CoreClient:
     # -- run reports (RunReporter, thread-safe) -----------------------------------------------------
     def report(self, run_id: int, status: Status, statistics: Statistics, final: bool) -> None:
         report = SupervisorReport(run_id, status, statistics)
+        if final:
+            with self._finals_lock:  # noted here, in the caller's thread: see final_pending
+                self._finals_in_flight[run_id] = self._finals_in_flight.get(run_id, 0) + 1
         self._loop_thread.call_soon(self._enqueue, run_id, "final" if final else "progress", report)
 
     def log(self, run_id: int, level: LogLevel, message: str) -> None:
         line = LogLine(run_id, str(level), message)
         self._loop_thread.call_soon(self._enqueue, run_id, "log", line)
 
+    def final_pending(self, run_id: int) -> bool:
+        """Whether run ``run_id``'s final report is still on its way to the core (any thread)."""
+        with self._finals_lock:
+            return run_id in self._finals_in_flight
+
+    def _final_settled(self, run_id: int) -> None:
+        with self._finals_lock:
+            left = self._finals_in_flight.get(run_id, 0) - 1
+            if left > 0:
+                self._finals_in_flight[run_id] = left
+            else:
+                self._finals_in_flight.pop(run_id, None)
+
     def _enqueue(self, run_id: int, kind: str, item: Any) -> None:
         if self.state == ConnectionState.STOPPED:
+            if kind == "final":
+                self._final_settled(run_id)
             return
         outbox = self._outboxes.get(run_id)
         if outbox is None:
@@ -306,7 +327,10 @@ class CoreClient:
                 if outbox.final is None:  # a final report already waiting supersedes progress
                     await self._send_best_effort("PUT", "/supervisor", progress)
         if outbox.final is not None:
-            await self._deliver_final(outbox)
+            try:
+                await self._deliver_final(outbox)
+            finally:
+                self._final_settled(outbox.run_id)
             self._outboxes.pop(outbox.run_id, None)
 
     async def _send_best_effort(self, method: str, path: str, body: Any) -> None:

@@ -117,6 +117,16 @@ class Cluster:
                 raise ClusterDefinitionError(
                     f"cluster {what} {value!r} must not contain spaces or ?&#/"
                 )
+        if any(c in self.name for c in ".:"):
+            # a config named "Vec.fast" or "Vec:slow" runs cluster "Vec" (PROTOCOL.md section 2)
+            raise ClusterDefinitionError(
+                f"cluster name {self.name!r} must not contain '.' or ':' (they separate config "
+                "variants: a config 'Vec.fast' runs cluster 'Vec')"
+            )
+        if not isinstance(self.version, str) or not self.version:
+            raise ClusterDefinitionError(
+                f"version must be a non-empty string, got {self.version!r}"
+            )
 
     def _check_numbers(self) -> None:
         for what in (

@@ -461,6 +461,9 @@ def _make_guard(core: EmbeddedCore) -> Callable[[web.Request, Handler], Awaitabl
             return _fail(exc.status, exc.text or exc.reason, headers)
         except asyncio.CancelledError:
             raise
+        except ConnectionError:  # the caller hung up mid-request: nothing to answer, no bug
+            log.debug("embedded core: %s %s: the client went away", request.method, request.path)
+            return _fail(400, "the client closed the connection mid-request")
         except Exception as exc:
             core.internal_errors += 1
             log.exception("embedded core: unexpected error on %s %s", request.method, request.path)

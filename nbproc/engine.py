@@ -360,8 +360,16 @@ class Stage:
         self.attempt = attempt
         self.letter = letter
         self.body = body
-        self.start_count = start
-        self.cap = max(cap, start)
+        # The core's config may ask for more workers than the cluster allows: the cluster's cap
+        # wins, since it is what keeps a config typo from starting thousands of threads.
+        self.start_count = min(start, cap)
+        self.cap = cap
+        if start > cap:
+            attempt.run._log(
+                LogLevel.WARNING,
+                f"the config asks for {start} {letter}-workers; this cluster allows {cap} "
+                f"(max_{letter}_functions): starting {cap}",
+            )
         self.factor = factor
         self.workers: list[Worker] = []
         self.cost_ns = 0
@@ -923,6 +931,7 @@ class Run:
         self._result: Any = None
         self.result_evicted = False
         self._logs: collections.deque[tuple[float, str, str]] = collections.deque(maxlen=LOG_LINES)
+        self._logs_dropped = 0
         self._log_lock = threading.Lock()
         self._reporting = False
         self._cancel_requested = False
@@ -947,8 +956,16 @@ class Run:
 
     @property
     def logs(self) -> list[tuple[float, str, str]]:
+        """The newest log lines; a first line says how many older ones were not kept."""
         with self._log_lock:
-            return list(self._logs)
+            lines = list(self._logs)
+            dropped = self._logs_dropped
+        if dropped:
+            first = lines[0][0] if lines else time.time()
+            lines.insert(
+                0, (first, LogLevel.WARNING.value, f"({dropped:,} earlier log lines not kept)")
+            )
+        return lines
 
     def cancel(self) -> None:
         """Stop the run (or drop it from the queue); returns at once, see :meth:`wait`."""
@@ -1015,14 +1032,20 @@ class Run:
 
     def _log(self, level: LogLevel, message: str) -> None:
         with self._log_lock:
-            self._logs.append((time.time(), level.value, message))
+            self._keep_log_line(level.value, message)
             if self._reporting:
                 self._engine._safe(self._engine.reporter.log, self.run_id, level, message)
+
+    def _keep_log_line(self, level: str, message: str) -> None:
+        """Under ``_log_lock``: keep a line, counting the ones the bounded log pushes out."""
+        if len(self._logs) == self._logs.maxlen:
+            self._logs_dropped += 1
+        self._logs.append((time.time(), level, message))
 
     def note(self, level: LogLevel | str, message: str) -> None:
         """A log line kept locally only (e.g. that the core never confirmed the final report)."""
         with self._log_lock:
-            self._logs.append((time.time(), LogLevel(level).value, message))
+            self._keep_log_line(LogLevel(level).value, message)
 
     def _thread(self, target: Callable[..., Any], *args: Any, name: str) -> threading.Thread:
         """A thread for user code: what it prints goes to this run's log, not to a random cell."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import shlex
+import time
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -21,7 +22,9 @@ from IPython.core.magic_arguments import (
 )
 
 from . import api
+from .client import CoreUnavailable
 from .cluster import DEFAULT_MODULE, FUNCTION_ROLES, ClusterDefinitionError
+from .protocol import CoreError
 
 # Set by ``python -m nbproc serve`` while it executes a notebook: operator actions in the
 # notebook (run, cancel, panel ...) are for the interactive session, not for serving.
@@ -114,7 +117,7 @@ class NbprocMagics(Magics):
         The cell's ``extract(h, m, out)`` (required), ``transform(h, m, item)``,
         ``load(h, m, item_or_batch)``, ``setup(h, m)``, ``teardown(h, m)``, ``verify_et(item)``
         and ``verify_tl(item)`` become the cluster; running the cell again redefines it
-        (runs already going keep their functions). Same as ``nbproc.cluster(NAME, ...)``.
+        (runs already going keep their functions). Same as ``nbproc.define(NAME, ...)``.
         """
         args = parse_argstring(self.cluster, line)
         picked = {role: getattr(args, role, None) for role in FUNCTION_ROLES}
@@ -174,7 +177,11 @@ class NbprocMagics(Magics):
         if SERVING_HEADLESS and args.sub not in ("status", "connect"):
             print(f"%nbproc {args.sub}: skipped while serving headless")
             return None
-        return getattr(self, f"_nbproc_{args.sub}")(args)
+        try:
+            return getattr(self, f"_nbproc_{args.sub}")(args)
+        except (KeyError, TypeError, ValueError, CoreError, CoreUnavailable, TimeoutError) as exc:
+            text = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+            raise UsageError(f"%nbproc {args.sub}: {text}") from None
 
     def _nbproc_status(self, args: Any) -> dict[str, Any]:
         return api.status()
@@ -218,7 +225,10 @@ class NbprocMagics(Magics):
 
     def _nbproc_logs(self, args: Any) -> None:
         for stamp, level, message in self._with_run(args.id, api.logs):
-            print(f"{stamp:.3f} {level:7} {message}")
+            clock = (
+                time.strftime("%H:%M:%S", time.localtime(stamp)) + f".{int(stamp % 1 * 1000):03d}"
+            )
+            print(f"{clock} {level:7} {message}")
 
     def _nbproc_runs(self, args: Any) -> Any:
         return api.runs()
@@ -239,7 +249,8 @@ class NbprocMagics(Magics):
 
 
 def _nbproc_parser() -> MagicArgumentParser:
-    parser = MagicArgumentParser(prog="%nbproc", description="Drive this notebook's processor.")
+    # IPython's help formatter puts the "%" in front of prog itself
+    parser = MagicArgumentParser(prog="nbproc", description="Drive this notebook's processor.")
     sub = parser.add_subparsers(dest="sub", metavar="COMMAND")
     sub.add_parser("status", help="processor, core and connection state")
     connect = sub.add_parser("connect", help="connect to a core by URL (its processor endpoint)")
@@ -270,3 +281,5 @@ def _nbproc_parser() -> MagicArgumentParser:
 
 
 NbprocMagics.nbproc.__doc__ = _nbproc_parser().format_help()
+# magic_arguments writes the usage as a line magic's; this one is a cell magic
+NbprocMagics.cluster.__doc__ = NbprocMagics.cluster.__doc__.replace("%cluster", "%%cluster", 1)

@@ -16,7 +16,10 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from .client import ConnectionState, CoreClient
+import aiohttp
+
+from .capture import install_output_routing
+from .client import ConnectionState, CoreClient, CoreUnavailable
 from .cluster import Cluster
 from .engine import Engine, Run
 from .loop import LoopThread
@@ -40,6 +43,7 @@ log = logging.getLogger("nbproc")
 DEFAULT_CLIENT_PORT = 8136
 DEFAULT_PROCESSOR_PORT = 8137
 DEFAULT_CONTACT = Contact("nbproc", "")
+FINAL_REPORT_GRACE = 5.0  # seconds ``wait`` gives the core to confirm a run's final report
 
 
 @dataclass(frozen=True)
@@ -111,6 +115,7 @@ class Processor:
         except BaseException:
             self._loop.stop()
             raise
+        install_output_routing()  # what runs print goes to their logs, in a kernel or not
         self._engine = Engine(self, **self._engine_options)
         self._started = True
         try:
@@ -368,10 +373,9 @@ class Processor:
     ) -> int:
         """Ask the core to run cluster ``name``, as an operator would; returns the run id."""
         cluster = self.cluster(name, module)
+        strings = _string_map(metadata)
         return self._operate(
-            lambda op: op.provision(
-                cluster.module, cluster.name, config or cluster.name, dict(metadata or {})
-            )
+            lambda op: op.provision(cluster.module, cluster.name, config or cluster.name, strings)
         )
 
     def wait(self, run_id: int, timeout: float | None = None) -> Run:
@@ -385,7 +389,20 @@ class Processor:
             time.sleep(0.01)
         remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
         run.wait(remaining)
+        self._wait_final_delivered(run_id, deadline)
         return run
+
+    def _wait_final_delivered(self, run_id: int, deadline: float | None) -> None:
+        """So that the core's record already says what the run says when ``wait`` returns
+        (bounded: a core that is away does not hold the caller)."""
+        import time
+
+        limit = time.monotonic() + FINAL_REPORT_GRACE
+        if deadline is not None:
+            limit = min(limit, deadline)
+        client = self._client
+        while client is not None and client.final_pending(run_id) and time.monotonic() < limit:
+            time.sleep(0.005)
 
     def core_record(self, run_id: int) -> RunRecord | None:
         """The run as the core records it."""
@@ -408,7 +425,13 @@ class Processor:
                 await op.close()
 
         self._require_started()
-        return self._loop.run(call, timeout=30)
+        try:
+            return self._loop.run(call, timeout=30)
+        except aiohttp.ClientError as exc:
+            where = self.core.client_url if self.core else "the core"
+            raise CoreUnavailable(
+                f"cannot reach the core's client endpoint at {where}: {exc}"
+            ) from None
 
     # -- local views ---------------------------------------------------------------------------------------
     def runs(self) -> list[Run]:
@@ -441,6 +464,18 @@ class Processor:
         core = self.core.processor_url if self.core else "no core"
         kind = "embedded core" if self.embedded_core is not None else "core"
         return f"nbproc processor at {self.url} -> {kind} {core} ({self.connection_state})"
+
+
+def _string_map(metadata: Mapping[str, Any] | None) -> dict[str, str]:
+    """Run metadata is a map of strings on the wire: say so here, not in a 400 from the core."""
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, Mapping):
+        raise TypeError(f"metadata must be a mapping of strings, got {type(metadata).__name__}")
+    bad = {k: v for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)}
+    if bad:
+        raise TypeError(f"metadata keys and values must be strings; not: {bad!r}")
+    return dict(metadata)
 
 
 def _advertised(host: str) -> str:

@@ -98,13 +98,14 @@ class CoreError(RuntimeError):
 # JSON encoding: nothing leaves nbproc that is not strict JSON
 
 
-def jsonable(value: Any) -> Any:
+def jsonable(value: Any, strict: bool = False) -> Any:
     """Turn ``value`` into plain JSON types.
 
     User code hands us numpy scalars, NaN, pandas Timestamps and the like; the reference core
     (Go's encoding/json) rejects NaN/Infinity, and Python's json module would happily emit them.
     NaN and infinities become ``null``; numpy/pandas scalars become their Python value;
-    dates become ISO-8601 strings; bytes become base64; anything unknown becomes ``str(value)``.
+    dates become ISO-8601 strings; bytes become base64; sets become lists. Anything else becomes
+    ``str(value)``, or, with ``strict`` (values a user stores and expects back), a TypeError.
     """
     if value is None or isinstance(value, (bool, str)):
         return value
@@ -113,21 +114,22 @@ def jsonable(value: Any) -> Any:
     if isinstance(value, float):
         return float(value) if math.isfinite(value) else None
     if hasattr(value, "to_json") and callable(value.to_json) and dataclasses.is_dataclass(value):
-        return jsonable(value.to_json())
+        return jsonable(value.to_json(), strict)
     if isinstance(value, Mapping):
         return {
-            str(jsonable(k)) if not isinstance(k, str) else k: jsonable(v) for k, v in value.items()
+            k if isinstance(k, str) else str(jsonable(k, strict)): jsonable(v, strict)
+            for k, v in value.items()
         }
     if isinstance(value, (list, tuple, set, frozenset)):
-        return [jsonable(v) for v in value]
-    return _jsonable_foreign(value)
+        return [jsonable(v, strict) for v in value]
+    return _jsonable_foreign(value, strict)
 
 
-def _jsonable_foreign(value: Any) -> Any:
+def _jsonable_foreign(value: Any, strict: bool) -> Any:
     """Values from numpy, pandas, datetime and friends, without importing numpy or pandas."""
     module = type(value).__module__ or ""
     if module.startswith("pandas"):  # before datetime: pd.NaT is a datetime too
-        return _jsonable_pandas(value)
+        return _jsonable_pandas(value, strict)
     if isinstance(value, (_dt.datetime, _dt.date, _dt.time)):
         return value.isoformat()
     if isinstance(value, _dt.timedelta):
@@ -137,13 +139,13 @@ def _jsonable_foreign(value: Any) -> Any:
     if isinstance(value, (bytes, bytearray, memoryview)):
         return base64.b64encode(bytes(value)).decode("ascii")
     if module.startswith("numpy") and hasattr(value, "tolist"):  # ndarray and numpy scalars
-        return jsonable(value.tolist())
+        return jsonable(value.tolist(), strict)
     if hasattr(value, "isoformat"):
         return value.isoformat()
-    return str(value)
+    return _unknown(value, strict)
 
 
-def _jsonable_pandas(value: Any) -> Any:
+def _jsonable_pandas(value: Any, strict: bool) -> Any:
     import pandas as pd
 
     if value is pd.NaT or value is pd.NA:
@@ -153,9 +155,17 @@ def _jsonable_pandas(value: Any) -> Any:
     if isinstance(value, pd.Timedelta):
         return value.total_seconds()
     if isinstance(value, pd.DataFrame):
-        return jsonable(value.to_dict(orient="records"))
+        return jsonable(value.to_dict(orient="records"), strict)
     if isinstance(value, (pd.Series, pd.Index)):
-        return jsonable(value.tolist())
+        return jsonable(value.tolist(), strict)
+    return _unknown(value, strict)
+
+
+def _unknown(value: Any, strict: bool) -> str:
+    if strict:
+        raise TypeError(
+            f"a {type(value).__name__} cannot be sent as JSON (store plain data instead)"
+        )
     return str(value)
 
 
@@ -184,6 +194,8 @@ def _reject_constant(name: str) -> Any:
 # strict field readers
 
 _MISSING: Any = object()
+MAX_CONFIG_NUMBER = 10_000  # worker counts, thresholds, growth factors: beyond this is a typo
+MAX_RUN_ID = 2**63 - 1  # the reference core's ids are Go int64
 
 
 def _path(prefix: str, key: str) -> str:
@@ -228,7 +240,12 @@ def get_str(
 
 
 def get_int(
-    obj: dict, key: str, where: str = "", default: Any = _MISSING, minimum: int | None = None
+    obj: dict,
+    key: str,
+    where: str = "",
+    default: Any = _MISSING,
+    minimum: int | None = None,
+    maximum: int | None = None,
 ) -> int:
     value = obj.get(key, _MISSING)
     if value is _MISSING or (value is None and default is not _MISSING):
@@ -241,6 +258,8 @@ def get_int(
         raise ProtocolError(_path(where, key), f"expected an integer, got {_kind(value)}")
     if minimum is not None and value < minimum:
         raise ProtocolError(_path(where, key), f"must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ProtocolError(_path(where, key), f"must be <= {maximum}, got {value}")
     return value
 
 
@@ -562,7 +581,10 @@ class RunConfig:
     @classmethod
     def parse(cls, value: Any, where: str = "config") -> RunConfig:
         obj = expect_object(value, where)
-        ints = {attr: get_int(obj, key, where, default=None, minimum=1) for attr, key in cls._KEYS}
+        ints = {
+            attr: get_int(obj, key, where, default=None, minimum=1, maximum=MAX_CONFIG_NUMBER)
+            for attr, key in cls._KEYS
+        }
         return cls(
             identifier=get_str(obj, "identifier", where, default=""),
             on_load=get_enum(obj, "on-load", OnLoad, where, default=None),
@@ -622,9 +644,9 @@ class RunRequest:
     def parse(cls, value: Any) -> RunRequest:
         obj = expect_object(value, "body")
         if "id" in obj and obj["id"] is not None:
-            run_id = get_int(obj, "id", minimum=0)
+            run_id = get_int(obj, "id", minimum=0, maximum=MAX_RUN_ID)
         elif "supervisor" in obj and obj["supervisor"] is not None:
-            run_id = get_int(obj, "supervisor", minimum=0)
+            run_id = get_int(obj, "supervisor", minimum=0, maximum=MAX_RUN_ID)
         else:
             raise ProtocolError("id", "missing (the run id, as 'id' or 'supervisor')")
         raw_config = obj.get("config")
@@ -855,7 +877,8 @@ class CacheSave:
     expiry_minutes: float = 0
 
     def to_json(self) -> dict[str, Any]:
-        return {"value": jsonable(self.value), "expiry": jsonable(self.expiry_minutes)}
+        # strict: a value the user expects back must not silently come back as its repr
+        return {"value": jsonable(self.value, strict=True), "expiry": jsonable(self.expiry_minutes)}
 
     @classmethod
     def parse(cls, value: Any) -> CacheSave:

@@ -1,6 +1,6 @@
 """Load the clusters a file defines, for ``python -m nbproc serve``.
 
-A ``.py`` file uses the Python API (``nbproc.cluster(...)``); a notebook's code cells run in a
+A ``.py`` file uses the Python API (``nbproc.define(...)``); a notebook's code cells run in a
 headless IPython shell with the extension loaded, so its ``%%cluster`` cells register exactly as
 they do in Jupyter. Either way the definitions land in the processor made current by the caller.
 """

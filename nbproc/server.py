@@ -64,6 +64,9 @@ async def json_errors(
         if exc.status == 405 and "Allow" in exc.headers:
             response.headers["Allow"] = exc.headers["Allow"]
         return response
+    except ConnectionError:  # the caller hung up mid-request: nothing to answer, no bug
+        log.debug("%s %s: the client went away", request.method, request.path)
+        return answer(400, CoreAnswer.fail("the client closed the connection mid-request"))
     except Exception as exc:  # a bug of ours: say so, keep serving
         log.exception("internal error handling %s %s", request.method, request.path)
         return answer(500, CoreAnswer.fail(f"internal error: {type(exc).__name__}: {exc}"))

@@ -197,3 +197,14 @@ def test_unload_stops_everything(shell):
     with socket.socket() as s:
         s.bind(("127.0.0.1", port))
     shell.run_line_magic("load_ext", "nbproc")  # the fixture unloads it again
+
+
+def test_api_errors_in_nbproc_subcommands_are_one_line(shell):
+    with pytest.raises(UsageError, match="no cluster 'Nope'"):
+        shell.run_line_magic("nbproc", "run Nope")
+
+
+def test_start_refuses_conflicting_options_while_running(shell):
+    with pytest.raises(RuntimeError, match="already running"):
+        nbproc.start("http://127.0.0.1:1")
+    assert nbproc.start() is nbproc.current()

@@ -429,3 +429,78 @@ def test_fuzzed_run_requests_never_5xx(processor):
         assert status < 500, (raw, answer)
     assert statuses <= {200, 400, 404}
     assert http("GET", f"{processor.url}/debug")[0] == 200
+
+
+# -- bad input from users and configs -------------------------------------------------------------
+
+
+def test_a_config_asking_for_thousands_of_workers_is_capped(processor):
+    threads = set()
+
+    def transform(h, m, item):
+        threads.add(threading.get_ident())
+        time.sleep(0.001)
+        return item
+
+    processor.register(Cluster("Capped", count_to(50), transform, module="m", max_t_functions=4))
+    body = {
+        "module": "m",
+        "cluster": "Capped",
+        "id": 1,
+        "config": {"start-with-n-t-channels": 5000},
+    }
+    assert http("POST", f"{processor.url}/supervisor", body)[0] == 200
+    run = processor.wait(1, timeout=20)
+    assert run.status == Status.COMPLETED
+    assert run.statistics().transform_routines == 4 and len(threads) <= 4
+    assert any("starting 4" in message for _, _, message in run.logs)
+    too_many = {
+        "module": "m",
+        "cluster": "Capped",
+        "id": 2,
+        "config": {"start-with-n-t-channels": 10**9},
+    }
+    status, answer, _ = http("POST", f"{processor.url}/supervisor", too_many)
+    assert status == 400 and "must be <= 10000" in answer["description"]
+
+
+def test_python_api_input_errors_are_clear(processor):
+    from nbproc.cluster import ClusterDefinitionError
+
+    with pytest.raises(ClusterDefinitionError, match="must not contain '.'"):
+        Cluster("Vec.fast", count_to(1))
+    with pytest.raises(ClusterDefinitionError, match="version must be a non-empty string"):
+        Cluster("Vec", count_to(1), version=123)
+    processor.register(Cluster("Vec", count_to(1), module="m"))
+    with pytest.raises(TypeError, match="metadata keys and values must be strings"):
+        processor.provision("Vec", metadata={"n": 5})
+    with pytest.raises(TypeError, match="mapping of strings"):
+        processor.provision("Vec", metadata=[1])
+    with pytest.raises(KeyError, match="no cluster 'Nope'"):
+        processor.provision("Nope")
+
+
+def test_cache_refuses_values_it_could_not_give_back(processor):
+    errors = []
+
+    def extract(h, m, out):
+        class Thing:
+            pass
+
+        try:
+            h.save_to_cache(Thing())
+        except TypeError as exc:
+            errors.append(str(exc))
+        out.push(1)
+
+    processor.register(Cluster("Cache2", extract, module="m"))
+    run = processor.wait(processor.provision("Cache2"), timeout=10)
+    assert run.status == Status.COMPLETED
+    assert errors and "cannot be sent as JSON" in errors[0]
+
+
+def test_wait_returns_once_the_core_has_the_final_status(core, processor):
+    processor.register(Cluster("Quick", count_to(3), module="m"))
+    for _ in range(10):
+        run = processor.wait(processor.provision("Quick"), timeout=10)
+        assert core_run(core, run.run_id)["status"] == "completed"
