@@ -5,8 +5,10 @@
 1. Run requests POSTed to the processor's ``/supervisor`` from a *separate process* (as a core
    would send them; in-process load would measure GIL contention instead), request -> 200:
    one at a time (how the reference core sends them), and ``--concurrent`` at once (a burst,
-   each on its own connection). The same burst against a bare aiohttp server that only answers
-   200 is measured side by side: the floor this machine and aiohttp set.
+   each on its own connection). Side by side: the same with the runs not started (the server
+   path alone; the difference is the runs' threads and reports sharing the GIL and the loop),
+   and the burst against a bare aiohttp server that only answers 200 (the floor this machine
+   and aiohttp set).
 2. ``--runs`` tiny runs provisioned through the embedded core's client endpoint: wall time and
    how many reached ``completed`` at the core (all must).
 """
@@ -129,6 +131,11 @@ def main() -> int:
         proc = Processor(core.processor_url, core_client=core.client_url).start()
         try:
             proc.register(Cluster("Tiny", tiny_extract, module="bench"))
+            start_run = proc.start_run
+            proc.start_run = lambda cluster, request: None  # the server path alone: no runs
+            seq_alone = measure(proc.url, args.concurrent, 5_000_000, sequential=True)
+            burst_alone = measure(proc.url, args.concurrent, 6_000_000, sequential=False)
+            proc.start_run = start_run
             seq = measure(proc.url, args.concurrent, 10_000_000, sequential=True)
             time.sleep(1)
             burst = measure(proc.url, args.concurrent, 20_000_000, sequential=False)
@@ -139,7 +146,9 @@ def main() -> int:
             )
             print(f"  one at a time (as the reference core)  {summary(seq)}")
             print(f"  {args.concurrent} at once (burst)              {summary(burst)}")
-            print(f"  same burst, bare aiohttp answering 200 {summary(bare)}")
+            print(f"  one at a time, runs not started        {summary(seq_alone)}")
+            print(f"  burst, runs not started                {summary(burst_alone)}")
+            print(f"  burst, bare aiohttp answering 200      {summary(bare)}")
             wall, statuses = asyncio.run(tiny_runs(core.client_url, args.runs))
             print(
                 f"{args.runs} tiny runs through the embedded core: {wall:.2f} s ({args.runs / wall:.0f} runs/s)"

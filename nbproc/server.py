@@ -94,7 +94,9 @@ class ProcessorServer:
             self.make_app(), handle_signals=False, access_log=None, shutdown_timeout=0.5
         )
         await runner.setup()
-        site = web.TCPSite(runner, self.host, self.requested_port)
+        # backlog: a core (or a test) may open hundreds of connections at once; the default 128
+        # drops SYNs past that and the kernel retries them a whole second later
+        site = web.TCPSite(runner, self.host, self.requested_port, backlog=1024)
         try:
             await site.start()
         except BaseException:
