@@ -89,7 +89,7 @@ class CoreClient:
         heartbeat: float = 3.0,
         max_backoff: float = 5.0,
         on_state: Callable[[str], None] | None = None,
-        on_lost_report: Callable[[int, str], None] | None = None,
+        on_lost_report: Callable[[CoreClient, int, str], None] | None = None,
     ) -> None:
         self.core_url = core_url.rstrip("/")
         self.address = address
@@ -296,6 +296,13 @@ class CoreClient:
         if self.state == ConnectionState.STOPPED:
             if kind == "final":
                 self._final_settled(run_id)
+                if self._on_lost_report is not None:
+                    message = (
+                        f"run {run_id} ended {item.status}, but the processor had disconnected "
+                        f"from {self.core_url}, the core that sent the run: not reported"
+                    )
+                    log.warning(message)
+                    self._on_lost_report(self, run_id, message)
             return
         outbox = self._outboxes.get(run_id)
         if outbox is None:
@@ -370,7 +377,7 @@ class CoreClient:
         message = f"run {outbox.run_id} ended {status}, but its final report did not reach {self.core_url}: {why}"
         log.warning(message)
         if self._on_lost_report is not None:
-            self._on_lost_report(outbox.run_id, message)
+            self._on_lost_report(self, outbox.run_id, message)
         outbox.final = None
 
     # -- cache (blocking, for user code on worker threads) -------------------------------------------

@@ -162,10 +162,10 @@ class Helper:
         self._run._log(LogLevel.FATAL, str(msg))
 
     def save_to_cache(self, value: Any, expiry_minutes: float = 0) -> str:
-        return self._run._engine.reporter.cache_save(value, expiry_minutes)
+        return self._run.reporter.cache_save(value, expiry_minutes)
 
     def load_from_cache(self, key: str) -> Any:
-        return self._run._engine.reporter.cache_load(key)
+        return self._run.reporter.cache_load(key)
 
     async def asave_to_cache(self, value: Any, expiry_minutes: float = 0) -> str:
         """For async functions: the blocking cache call runs off the engine loop."""
@@ -911,8 +911,12 @@ class Run:
         run_id: int,
         config: RunConfig,
         metadata: Mapping[str, str],
+        reporter: RunReporter | None = None,
     ) -> None:
         self._engine = engine
+        # Fixed when the run is created: the core that sent the run is the one to hear about it,
+        # even if the processor has moved to another core since.
+        self.reporter: RunReporter = reporter if reporter is not None else engine.reporter
         self.key = key
         self.run_id = run_id
         self.cluster = cluster
@@ -1034,7 +1038,7 @@ class Run:
         with self._log_lock:
             self._keep_log_line(level.value, message)
             if self._reporting:
-                self._engine._safe(self._engine.reporter.log, self.run_id, level, message)
+                self._engine._safe(self.reporter.log, self.run_id, level, message)
 
     def _keep_log_line(self, level: str, message: str) -> None:
         """Under ``_log_lock``: keep a line, counting the ones the bounded log pushes out."""
@@ -1068,7 +1072,7 @@ class Run:
         with self._log_lock:
             if self._reporting:
                 self._engine._safe(
-                    self._engine.reporter.report,
+                    self.reporter.report,
                     self.run_id,
                     Status.ACTIVE,
                     self.statistics(),
@@ -1080,7 +1084,7 @@ class Run:
         self._final_stats = stats
         with self._log_lock:
             self._reporting = False
-        self._engine._safe(self._engine.reporter.report, self.run_id, status, stats, True)
+        self._engine._safe(self.reporter.report, self.run_id, status, stats, True)
         self.ended_at = time.time()
         self._engine._keep_result(self)
         self._set_status(status)
@@ -1094,7 +1098,7 @@ class Run:
                 self._finalize(Status.CANCELLED, Statistics())
                 return
             self.started_at = time.time()
-            eng._safe(eng.reporter.report, self.run_id, Status.ACTIVE, Statistics(), False)
+            eng._safe(self.reporter.report, self.run_id, Status.ACTIVE, Statistics(), False)
             with self._log_lock:
                 self._reporting = True
             self._next_progress = time.monotonic() + eng.progress_interval
@@ -1252,15 +1256,18 @@ class Engine:
         run_id: int,
         config: RunConfig | None = None,
         metadata: Mapping[str, str] | None = None,
+        reporter: RunReporter | None = None,
     ) -> Run:
-        """Queue a run; never runs user code here and never waits (the dispatcher starts it)."""
+        """Queue a run; never runs user code here and never waits (the dispatcher starts it).
+
+        ``reporter`` (default: the engine's) is who hears about this run."""
         resolved = (config or RunConfig()).with_defaults(cluster.export_config())
         if not resolved.identifier:
             resolved = dataclasses.replace(resolved, identifier=cluster.name)
         with self._lock:
             if self._closing:
                 raise RuntimeError("the engine is shut down")
-            run = Run(self, next(self._keys), cluster, run_id, resolved, metadata or {})
+            run = Run(self, next(self._keys), cluster, run_id, resolved, metadata or {}, reporter)
             self._remember(run)
             self._queue.append(run)
             self._announce.append(run)

@@ -330,33 +330,31 @@ class Processor:
     def start_run(self, cluster: Cluster, request: RunRequest) -> Run:
         config = request.config or RunConfig(identifier=request.config_name or cluster.name)
         return self.engine.submit(
-            cluster, request.run_id, config.with_defaults(cluster.export_config()), request.metadata
+            cluster,
+            request.run_id,
+            config.with_defaults(cluster.export_config()),
+            request.metadata,
+            reporter=self._client,  # the core that sent it, whatever we connect to later
         )
 
-    # -- RunReporter (called by the engine from its threads) ------------------------------------------------
+    # -- RunReporter for runs that no core sent (none of its calls reach a core) -----------------------------
     def report(self, run_id: int, status: Status, statistics: Any, final: bool) -> None:
-        if self._client is not None:
-            self._client.report(run_id, status, statistics, final)
+        pass
 
     def log(self, run_id: int, level: LogLevel, message: str) -> None:
-        if self._client is not None:
-            self._client.log(run_id, level, message)
+        pass
 
     def cache_save(self, value: Any, expiry_minutes: float = 0) -> str:
-        return self._require_client().cache_save(value, expiry_minutes)
+        raise RuntimeError("this run has no core to cache values in")
 
     def cache_load(self, key: str) -> Any:
-        return self._require_client().cache_load(key)
+        raise RuntimeError("this run has no core to cache values in")
 
-    def _require_client(self) -> CoreClient:
-        if self._client is None:
-            raise RuntimeError("this processor is not connected to a core")
-        return self._client
-
-    def _note_lost_report(self, run_id: int, message: str) -> None:
-        run = self.engine.get(run_id)
-        if run is not None:
-            run.note(LogLevel.WARNING, message)
+    def _note_lost_report(self, client: CoreClient, run_id: int, message: str) -> None:
+        """Keep the warning with the run it is about (ids repeat across cores and restarts)."""
+        for run in self.engine.runs():
+            if run.run_id == run_id and run.reporter is client:
+                run.note(LogLevel.WARNING, message)
 
     # -- operating through the core (what an operator would do) -------------------------------------------------
     def operator(self) -> OperatorClient:

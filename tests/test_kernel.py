@@ -73,7 +73,7 @@ def test_load_extension_answers_while_a_cell_is_busy(kernel, core):
     banner = execute(kernel, "%load_ext nbproc")
     load_time = time.perf_counter() - t0
     assert "nbproc processor at http://127.0.0.1:" in banner and core.processor_url in banner
-    assert load_time < 5
+    assert load_time < 2  # measured ~0.25 s; "well under a second" with slack for a busy CI
     execute(kernel, VEC_CELL)
     [entry] = eventually(lambda: processors(core), what="registration")
     processor_url = f"http://{entry['Host']}:{entry['Port']}"

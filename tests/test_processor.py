@@ -504,3 +504,36 @@ def test_wait_returns_once_the_core_has_the_final_status(core, processor):
     for _ in range(10):
         run = processor.wait(processor.provision("Quick"), timeout=10)
         assert core_run(core, run.run_id)["status"] == "completed"
+
+
+def test_a_run_reports_to_the_core_that_sent_it_even_after_a_switch(core):
+    gate = threading.Event()
+
+    def extract(h, m, out):
+        gate.wait(20)
+        out.push(1)
+
+    with ThreadedCore(host="127.0.0.1") as other:
+        proc = Processor(core.processor_url, core_client=core.client_url).start()
+        try:
+            proc.register(Cluster("Held", extract, module="m"))
+            run_id = proc.provision("Held")
+            eventually(lambda: proc.engine.get(run_id) is not None)
+            proc.connect(other.processor_url, other.client_url)
+            other_run = proc.provision("Held")  # the new core's run 1 shares the old run's id
+            assert other_run == run_id
+            gate.set()
+            old_run = eventually(
+                lambda: [
+                    r
+                    for r in proc.runs()
+                    if r.run_id == run_id and r.done and r.reporter is not proc._client
+                ]
+            )
+            assert old_run[0].status == Status.COMPLETED
+            eventually(lambda: core_run(other, other_run)["status"] == "completed")
+            assert core_run(core, run_id)["status"] == "active"  # the old core was left behind...
+            assert any("had disconnected" in m for _, _, m in old_run[0].logs)  # ...and we say so
+        finally:
+            gate.set()
+            proc.stop()
