@@ -131,6 +131,8 @@ def main() -> int:
         proc = Processor(core.processor_url, core_client=core.client_url).start()
         try:
             proc.register(Cluster("Tiny", tiny_extract, module="bench"))
+            # warm up: the first WaitAndPush run imports pandas (a one-time ~0.3 s GIL hold)
+            asyncio.run(tiny_runs(core.client_url, 20))
             start_run = proc.start_run
             proc.start_run = lambda cluster, request: None  # the server path alone: no runs
             seq_alone = measure(proc.url, args.concurrent, 5_000_000, sequential=True)

@@ -112,15 +112,3 @@ def routed_to(sink: Sink) -> Iterator[None]:
     finally:
         _route.reset(token)
         route.flush_partial()
-
-
-def routed_thread(
-    sink: Sink, target: Callable[..., Any], *args: Any, name: str
-) -> threading.Thread:
-    """A daemon thread whose output goes to ``sink`` (for threads that run user code)."""
-
-    def main() -> None:
-        with routed_to(sink):
-            target(*args)
-
-    return threading.Thread(target=main, name=name, daemon=True)

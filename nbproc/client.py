@@ -44,6 +44,7 @@ from .protocol import (
 log = logging.getLogger("nbproc.client")
 
 JSON_HEADERS = {"Content-Type": "application/json"}
+PROGRESS_SETTLE_SECONDS = 0.05  # short runs send one report (the final), not two
 MAX_PENDING_LOG_LINES = 2000  # per run: a print-happy loop must not queue unbounded POST /log
 
 
@@ -323,15 +324,18 @@ class CoreClient:
         while outbox.lines or outbox.progress is not None or outbox.overflow:
             if outbox.overflow:
                 skipped, outbox.overflow = outbox.overflow, 0
-                note = f"{skipped} log lines not sent to the core (too many too fast; all are kept in the processor)"
+                note = f"{skipped} log lines not sent to the core (too many too fast; the run's log in the processor keeps the newest)"
                 await self._send_best_effort(
                     "POST", "/log", LogLine(outbox.run_id, "warning", note)
                 )
             elif outbox.lines:
                 await self._send_best_effort("POST", "/log", outbox.lines.popleft())
             else:
+                if outbox.final is None:
+                    # a run that is about to end replaces this report with its final one
+                    await asyncio.sleep(PROGRESS_SETTLE_SECONDS)
                 progress, outbox.progress = outbox.progress, None
-                if outbox.final is None:  # a final report already waiting supersedes progress
+                if progress is not None and outbox.final is None:
                     await self._send_best_effort("PUT", "/supervisor", progress)
         if outbox.final is not None:
             try:

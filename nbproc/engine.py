@@ -85,7 +85,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .capture import routed_thread
+from .capture import routed_to
 from .cluster import DROP, Cluster, is_async
 from .loop import LoopThread
 from .protocol import (
@@ -100,6 +100,7 @@ from .protocol import (
 )
 from .reporter import LocalReporter, RunReporter
 from .stats import OriginSampler, Sampler
+from .threads import PooledThread, ThreadPool
 
 __all__ = ["Engine", "Run", "RunSnapshot", "Helper", "Metadata", "Outbox", "run_local"]
 
@@ -348,7 +349,7 @@ class Worker:
         self.n_out = 0
         self.n_drop = 0
         self.start = 0
-        self.thread: threading.Thread | None = None
+        self.thread: PooledThread | None = None
 
 
 class Stage:
@@ -485,7 +486,7 @@ class Attempt:
         self.kept = 0
         self.processed_final = 0
         self.last_result: Any = None
-        self.extract_thread: threading.Thread | None = None
+        self.extract_thread: PooledThread | None = None
         self.extract_done = False
         self.futures: set[concurrent.futures.Future] = set()
         self._flock = threading.Lock()
@@ -1051,9 +1052,15 @@ class Run:
         with self._log_lock:
             self._keep_log_line(LogLevel(level).value, message)
 
-    def _thread(self, target: Callable[..., Any], *args: Any, name: str) -> threading.Thread:
-        """A thread for user code: what it prints goes to this run's log, not to a random cell."""
-        return routed_thread(self._printed, target, *args, name=name)
+    def _thread(self, target: Callable[..., Any], *args: Any, name: str) -> PooledThread:
+        """A (pooled) thread for user code: what it prints goes to this run's log, not to a
+        random cell."""
+
+        def main() -> None:
+            with routed_to(self._printed):
+                target(*args)
+
+        return self._engine._pool.thread(main, name=name)
 
     def _printed(self, level: str, line: str) -> None:
         self._log(LogLevel(level), line)
@@ -1237,13 +1244,14 @@ class Engine:
         self._lock = threading.Condition(threading.Lock())
         self._queue: collections.deque[Run] = collections.deque()
         self._announce: collections.deque[Run] = collections.deque()
-        self._active: dict[int, threading.Thread] = {}
+        self._active: dict[int, PooledThread] = {}
         self._history: collections.deque[Run] = collections.deque(maxlen=max(1, history))
         self._by_id: dict[int, Run] = {}
         self._with_results: collections.deque[Run] = collections.deque()
         self._listeners: list[Callable[[Run], None]] = []
         self._closing = False
         self._loop_thread: LoopThread | None = None
+        self._pool = ThreadPool("nbproc-pooled")
         self._dispatcher = threading.Thread(
             target=self._dispatch, name="nbproc-dispatch", daemon=True
         )
@@ -1325,6 +1333,7 @@ class Engine:
         if self._loop_thread is not None:
             self._loop_thread.stop(max(0.1, deadline - time.monotonic()))
             self._loop_thread = None
+        self._pool.shutdown(max(0.0, deadline - time.monotonic()))
 
     def __enter__(self) -> Engine:
         return self
@@ -1358,8 +1367,8 @@ class Engine:
             return True
         return bool(self._queue) and len(self._active) < self.max_active
 
-    def _take_startable(self) -> tuple[list[tuple[Run, threading.Thread]], list[Run]]:
-        start: list[tuple[Run, threading.Thread]] = []
+    def _take_startable(self) -> tuple[list[tuple[Run, PooledThread]], list[Run]]:
+        start: list[tuple[Run, PooledThread]] = []
         dropped = [r for r in self._queue if r._cancel_requested]
         for r in dropped:
             self._queue.remove(r)
