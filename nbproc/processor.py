@@ -177,10 +177,11 @@ class Processor:
         (a core that is down now is not an error: the client keeps trying).
         """
         self._require_started()
+        address = CoreAddress.from_url(core, core_client) if core else None  # bad URL: stay put
         self._disconnect_client()
-        if core:
+        if address is not None:
             self._stop_embedded_core()
-            self.core = CoreAddress.from_url(core, core_client)
+            self.core = address
         else:
             self.core = self._ensure_embedded_core()
         self._client = CoreClient(

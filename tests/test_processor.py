@@ -537,3 +537,12 @@ def test_a_run_reports_to_the_core_that_sent_it_even_after_a_switch(core):
         finally:
             gate.set()
             proc.stop()
+
+
+def test_connect_to_a_bad_url_keeps_the_current_core(core, processor):
+    with pytest.raises(ValueError, match="not a core URL"):
+        processor.connect("ftp://nowhere")
+    assert (
+        processor.connection_state == "connected"
+        and processor.core.processor_url == core.processor_url
+    )
